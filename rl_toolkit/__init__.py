@@ -1,0 +1,1 @@
+"""rl_toolkit: Ray-orchestrated post-training for language models."""
