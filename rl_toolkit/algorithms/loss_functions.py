@@ -1,0 +1,491 @@
+"""Loss functions: the DPO family of preference losses, DPOLossFn and NLLLossFn.
+
+Each preference loss is a pure function of the four per-sequence log-probs of a set of pairs
+
+    fn(policy_chosen_logps, policy_rejected_logps,
+       reference_chosen_logps, reference_rejected_logps, /, *, beta, label_smoothing=0.0, ...)
+        -> per-pair losses [num_pairs]
+
+(written pc, pr, rc, rr in the code; positional-only), where every input is `[num_pairs]`
+(log-probs already summed, or averaged, over the response tokens). s(x) is the logistic
+sigmoid and h = (pc - rc) - (pr - rr) the DPO margin. `PREFERENCE_LOSSES` maps the config
+name (`dpo.loss_type`) to the function. The definitions follow TRL's `DPOTrainer.dpo_loss`;
+the papers are cited in each docstring.
+
+`DPOLossFn` and `NLLLossFn` follow the calling convention of docs/design.md: called once per
+micro-batch, they return that micro-batch's share of the global-batch loss (already divided by
+global counts) and additive metrics.
+
+This module imports neither ray nor torch.distributed.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal, TypedDict
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+PreferenceLoss = Callable[..., Tensor]
+
+
+def _margins(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> Tensor:
+    """DPO's implicit reward margin (pc - rc) - (pr - rr), `[num_pairs]`."""
+    return (pc - pr) - (rc - rr)
+
+
+def _smoothed_logistic(z: Tensor, label_smoothing: float) -> Tensor:
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z): logistic loss with flipped-label noise."""
+    return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+
+
+def sigmoid_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """DPO: -(1 - eps) log s(beta h) - eps log s(-beta h), h = (pc - rc) - (pr - rr).
+
+    Rafailov et al. 2023, "Direct Preference Optimization", eq. 7. With eps > 0 this is
+    conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"), which assumes a
+    fraction eps of the labels is flipped.
+    """
+    return _smoothed_logistic(beta * _margins(pc, pr, rc, rr), label_smoothing)
+
+
+def robust_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """Robust DPO: [-(1 - eps) log s(beta h) + eps log s(-beta h)] / (1 - 2 eps).
+
+    Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy Feedback":
+    an unbiased estimate of the clean-label loss when a fraction eps < 0.5 is flipped.
+    """
+    z = beta * _margins(pc, pr, rc, rr)
+    smoothed = -F.logsigmoid(z) * (1 - label_smoothing) + F.logsigmoid(-z) * label_smoothing
+    return smoothed / (1 - 2 * label_smoothing)
+
+
+def hinge_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """SLiC hinge: max(0, 1 - beta h).
+
+    Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback" (with the reference-normalised margin h and 1/beta as the margin).
+    """
+    return torch.relu(1 - beta * _margins(pc, pr, rc, rr))
+
+
+def ipo_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """IPO: (h - 1 / (2 beta))^2, where beta plays the role of the paper's tau.
+
+    Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences". The paper uses log-probs averaged over tokens
+    (`dpo.preference_average_log_probs: true`).
+    """
+    return (_margins(pc, pr, rc, rr) - 1 / (2 * beta)) ** 2
+
+
+def exo_pair_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """EXO (pairwise): reverse KL between the model's and the smoothed label distribution.
+
+    loss = s(beta h) (log s(beta h) - log(1 - eps)) + s(-beta h) (log s(-beta h) - log eps).
+    Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment";
+    eps (label_smoothing) must be in (0, 0.5); the paper uses 1e-3.
+    """
+    z = beta * _margins(pc, pr, rc, rr)
+    chosen_term = z.sigmoid() * (F.logsigmoid(z) - math.log(1 - label_smoothing))
+    rejected_term = (-z).sigmoid() * (F.logsigmoid(-z) - math.log(label_smoothing))
+    return chosen_term + rejected_term
+
+
+def nca_pair_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """NCA (pairwise): -log s(r_c) - 0.5 log s(-r_c) - 0.5 log s(-r_r), r = beta (logp - ref).
+
+    Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards":
+    optimises absolute likelihoods, so the chosen log-prob is pushed up, not only the
+    margin.
+    """
+    chosen_rewards = beta * (pc - rc)
+    rejected_rewards = beta * (pr - rr)
+    return (
+        -F.logsigmoid(chosen_rewards)
+        - 0.5 * F.logsigmoid(-chosen_rewards)
+        - 0.5 * F.logsigmoid(-rejected_rewards)
+    )
+
+
+def bco_pair_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """BCO (pairwise): -log s(r_c - delta) - log s(-(r_r - delta)), r = beta (logp - ref).
+
+    Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment".
+    The paper (and TRL) set the reference point delta to a running mean of the rewards kept by
+    each trainer process. Here delta = 0: a per-worker running mean would make the update depend
+    on the number of workers and on the micro-batch split, and the rewards start at 0 when the
+    policy starts from the reference, so the two agree at the start of training.
+    """
+    return -F.logsigmoid(beta * (pc - rc)) - F.logsigmoid(-beta * (pr - rr))
+
+
+def sppo_hard_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """SPPO with hard labels: (a - 1 / (2 beta))^2 + (b + 1 / (2 beta))^2.
+
+    a = pc - rc, b = pr - rr. Wu et al. 2024, "Self-Play Preference Optimization for Language
+    Model Alignment", with win probability 1 for chosen and 0 for rejected.
+    """
+    return (pc - rc - 0.5 / beta) ** 2 + (pr - rr + 0.5 / beta) ** 2
+
+
+def aot_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """AOT (unpaired): sigmoid loss on sort(pc - pr) - sort(rc - rr).
+
+    Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport":
+    the policy's margins should stochastically dominate the reference's. The sort runs
+    over the pairs this function receives, i.e. one micro-batch on one worker, so the loss
+    depends on the micro-batch size (see docs/guides/dpo.md).
+    """
+    delta = torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values
+    return _smoothed_logistic(beta * delta, label_smoothing)
+
+
+def aot_pair_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """AOT (paired): sigmoid loss on sort(pc - rc) - sort(pr - rr).
+
+    Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport":
+    chosen log-ratios should dominate rejected ones. Sorted within the micro-batch, as
+    for `aot_loss`.
+    """
+    delta = torch.sort(pc - rc, dim=0).values - torch.sort(pr - rr, dim=0).values
+    return _smoothed_logistic(beta * delta, label_smoothing)
+
+
+def apo_zero_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """APO-zero: (1 - s(beta (pc - rc))) + s(beta (pr - rr)).
+
+    D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions":
+    raises the chosen and lowers the rejected likelihood; for chosen outputs better
+    than the model's own.
+    """
+    return (1 - torch.sigmoid(beta * (pc - rc))) + torch.sigmoid(beta * (pr - rr))
+
+
+def apo_down_loss(
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """APO-down: s(beta (pc - rc)) + (1 - s(beta ((pc - rc) - (pr - rr)))).
+
+    D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions":
+    lowers both likelihoods, the rejected more; for chosen outputs worse than the
+    model's own.
+    """
+    chosen_ratio = pc - rc
+    return torch.sigmoid(beta * chosen_ratio) + (
+        1 - torch.sigmoid(beta * (chosen_ratio - (pr - rr)))
+    )
+
+
+def discopop_loss(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    /,
+    *,
+    beta: float,
+    discopop_tau: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """DiscoPOP (log-ratio modulated loss): (1 - m) (-log s(z)) + m exp(-z).
+
+    z = beta h, m = s(z / tau). Chris Lu et al. 2024, "Discovering Preference Optimization
+    Algorithms with and without Human Intervention", eq. 5: blends the logistic (DPO) and
+    exponential losses, with the blend set by the margin; tau is `dpo.discopop_tau`. For
+    |z| of the order of tau the loss is not monotone in the margin (near z = 0 it rises with
+    z).
+    """
+    z = beta * _margins(pc, pr, rc, rr)
+    modulation = torch.sigmoid(z / discopop_tau)
+    return -F.logsigmoid(z) * (1 - modulation) + torch.exp(-z) * modulation
+
+
+def simpo_loss(
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor,
+    rr: Tensor,
+    /,
+    *,
+    beta: float,
+    simpo_gamma: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """SimPO: -(1 - eps) log s(beta (pc - pr) - gamma) - eps log s(-(beta (pc - pr) - gamma)).
+
+    Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward". Reference-free with length-averaged log-probs (DPOLossFn enforces both); the
+    reference inputs are ignored.
+    """
+    return _smoothed_logistic(beta * (pc - pr) - simpo_gamma, label_smoothing)
+
+
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "sigmoid": sigmoid_loss,
+    "robust": robust_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "aot": aot_loss,
+    "aot_pair": aot_pair_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
+    "simpo": simpo_loss,
+}
+
+# Loss-specific config keys passed to the loss function as keyword arguments.
+LOSS_PARAM_KEYS: dict[str, tuple[str, ...]] = {
+    "discopop": ("discopop_tau",),
+    "simpo": ("simpo_gamma",),
+}
+
+# Losses that take label smoothing, and its valid range [low, 0.5); the others require 0.
+# exo_pair takes log(eps), so it needs eps > 0.
+LABEL_SMOOTHING_LOW: dict[str, float] = {
+    "sigmoid": 0.0,
+    "robust": 0.0,
+    "aot": 0.0,
+    "aot_pair": 0.0,
+    "simpo": 0.0,
+    "exo_pair": 1e-12,
+}
+
+
+class DPOLossConfig(TypedDict):
+    """The loss-related keys of the `dpo` config section (DPOConfig inherits them).
+
+    reference_policy_kl_penalty: beta, the inverse temperature of the implicit reward (> 0).
+    preference_loss_weight: weight of the preference term.
+    sft_loss_weight: weight of the SFT (negative log-likelihood) term on the chosen responses.
+    preference_average_log_probs: average log-probs over response tokens in the preference
+        term instead of summing them.
+    sft_average_log_probs: average log-probs over response tokens in the SFT term.
+    loss_type: a key of PREFERENCE_LOSSES.
+    label_smoothing: eps, the assumed fraction of flipped labels (sigmoid, robust, aot,
+        aot_pair, simpo: [0, 0.5); exo_pair: (0, 0.5); the other losses require 0).
+    reference_free: use a reference log-prob of 0 (no reference model).
+    simpo_gamma: SimPO's target reward margin gamma (used by loss_type simpo only).
+    discopop_tau: DiscoPOP's modulation temperature tau > 0 (used by loss_type discopop only).
+    """
+
+    reference_policy_kl_penalty: float
+    preference_loss_weight: float
+    sft_loss_weight: float
+    preference_average_log_probs: bool
+    sft_average_log_probs: bool
+    loss_type: Literal[
+        "sigmoid",
+        "robust",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_pair",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "simpo",
+    ]
+    label_smoothing: float
+    reference_free: bool
+    simpo_gamma: float
+    discopop_tau: float
+
+
+def validate_dpo_loss_config(cfg: DPOLossConfig) -> None:
+    """Raise ValueError naming the `dpo.*` key if the loss parameters are inconsistent."""
+    loss_type = cfg["loss_type"]
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(
+            f"dpo.loss_type: unknown loss type {loss_type!r}; "
+            f"expected one of {sorted(PREFERENCE_LOSSES)}"
+        )
+    beta = cfg["reference_policy_kl_penalty"]
+    if not beta > 0:
+        raise ValueError(f"dpo.reference_policy_kl_penalty (beta) must be > 0, got {beta}")
+    eps = cfg["label_smoothing"]
+    if loss_type in LABEL_SMOOTHING_LOW:
+        low = LABEL_SMOOTHING_LOW[loss_type]
+        if not low <= eps < 0.5:
+            bracket = "(0" if low > 0 else "[0"
+            raise ValueError(
+                f"dpo.label_smoothing must be in {bracket}, 0.5) for loss_type {loss_type!r}, "
+                f"got {eps}"
+            )
+    elif eps != 0:
+        raise ValueError(
+            f"dpo.label_smoothing must be 0 for loss_type {loss_type!r} (it does not use it); "
+            f"got {eps}. Losses that use it: {sorted(LABEL_SMOOTHING_LOW)}"
+        )
+    if loss_type == "simpo" and not (cfg["reference_free"] and cfg["preference_average_log_probs"]):
+        raise ValueError(
+            "dpo.loss_type 'simpo' is reference-free with averaged log-probs: set "
+            "dpo.reference_free=true and dpo.preference_average_log_probs=true"
+        )
+    if loss_type == "discopop" and not cfg["discopop_tau"] > 0:
+        raise ValueError(f"dpo.discopop_tau must be > 0, got {cfg['discopop_tau']}")
+
+
+def _sequence_logps(logprobs: Tensor, token_mask: Tensor, average: bool) -> Tensor:
+    """Per-sequence log-prob of the response, `[b]` from `[b, T]` log-probs and mask.
+
+    Summed over response tokens, or divided by their number when `average` (a row without
+    response tokens, e.g. a padding row, gives 0 rather than NaN).
+    """
+    logps = (logprobs * token_mask).sum(dim=-1)
+    if average:
+        logps = logps / token_mask.sum(dim=-1).clamp(min=1)
+    return logps
+
+
+class DPOLossFn:
+    """The DPO-family loss of one micro-batch of interleaved pairs, normalised globally.
+
+    L = preference_loss_weight * sum_pairs(L_pref) / N + sft_loss_weight * sum_pairs(L_sft) / N,
+    N = number of valid pairs in the global batch = global_valid_seqs / 2. L_pref is the
+    configured PREFERENCE_LOSSES entry; L_sft = -logp_c (per token when sft_average_log_probs).
+
+    Args:
+        cfg: the loss keys of the `dpo` config section; checked here (ValueError on a bad value).
+    """
+
+    def __init__(self, cfg: DPOLossConfig) -> None:
+        validate_dpo_loss_config(cfg)
+        self.beta = cfg["reference_policy_kl_penalty"]
+        self.preference_loss_weight = cfg["preference_loss_weight"]
+        self.sft_loss_weight = cfg["sft_loss_weight"]
+        self.preference_average_log_probs = cfg["preference_average_log_probs"]
+        self.sft_average_log_probs = cfg["sft_average_log_probs"]
+        self.reference_free = cfg["reference_free"]
+        self.label_smoothing = cfg["label_smoothing"]
+        self.preference_loss = PREFERENCE_LOSSES[cfg["loss_type"]]
+        self.loss_params = {key: cfg[key] for key in LOSS_PARAM_KEYS.get(cfg["loss_type"], ())}
+
+    def __call__(
+        self,
+        logprobs: Tensor,
+        data: dict[str, Any],
+        global_valid_seqs: Tensor,
+        global_valid_toks: Tensor,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """This micro-batch's share of the global-batch loss, and additive metrics.
+
+        Args:
+            logprobs: `[b, T]` float32 next-token log-probs of the micro-batch (b = 2 * pairs).
+            data: the micro-batch with `token_mask` `[b, T]`, `sample_mask` `[b]` and, unless
+                reference_free, `reference_policy_logprobs` `[b, T]`; rows interleaved
+                `[c0, r0, c1, r1, ...]`.
+            global_valid_seqs: 0-d tensor, valid sequences in the global batch (2 per pair).
+            global_valid_toks: 0-d tensor, valid response tokens in the global batch (unused:
+                the DPO loss is normalised per pair).
+
+        Returns:
+            (loss, metrics): the 0-d loss, and metrics that sum over micro-batches and workers
+            to global-batch means (num_valid_samples sums to the number of valid pairs).
+        """
+        token_mask = data["token_mask"]
+        sample_mask = data["sample_mask"]
+        assert logprobs.shape == token_mask.shape and logprobs.shape[0] % 2 == 0
+        assert torch.equal(sample_mask[0::2], sample_mask[1::2]), "a pair must be valid or not"
+        valid = sample_mask[0::2] > 0  # [pairs]
+        num_global_pairs = (global_valid_seqs / 2).clamp(min=1)
+
+        logps = _sequence_logps(logprobs, token_mask, self.preference_average_log_probs)  # [b]
+        if self.reference_free:
+            ref_logps = torch.zeros_like(logps)
+        else:
+            ref_logprobs = data["reference_policy_logprobs"]
+            ref_logps = _sequence_logps(ref_logprobs, token_mask, self.preference_average_log_probs)
+        # Only valid pairs enter the loss: aot sorts across pairs, so padding must not take part.
+        pc, pr = logps[0::2][valid], logps[1::2][valid]
+        rc, rr = ref_logps[0::2][valid], ref_logps[1::2][valid]
+        pref = self.preference_loss(
+            pc, pr, rc, rr, beta=self.beta, label_smoothing=self.label_smoothing, **self.loss_params
+        )
+        sft_logps = _sequence_logps(logprobs, token_mask, self.sft_average_log_probs)[0::2][valid]
+
+        preference_loss = pref.sum() / num_global_pairs
+        sft_loss = -sft_logps.sum() / num_global_pairs
+        loss = self.preference_loss_weight * preference_loss + self.sft_loss_weight * sft_loss
+        with torch.no_grad():
+            rewards_chosen = self.beta * (pc - rc)
+            rewards_rejected = self.beta * (pr - rr)
+            metrics = {
+                "loss": loss.item(),
+                "preference_loss": preference_loss.item(),
+                "sft_loss": sft_loss.item(),
+                "accuracy": ((rewards_chosen > rewards_rejected).sum() / num_global_pairs).item(),
+                "rewards_chosen_mean": (rewards_chosen.sum() / num_global_pairs).item(),
+                "rewards_rejected_mean": (rewards_rejected.sum() / num_global_pairs).item(),
+                "reward_margin_mean": (
+                    (rewards_chosen - rewards_rejected).sum() / num_global_pairs
+                ).item(),
+                "logps_chosen_mean": (pc.sum() / num_global_pairs).item(),
+                "logps_rejected_mean": (pr.sum() / num_global_pairs).item(),
+                "num_valid_samples": int(valid.sum().item()),
+            }
+        return loss, metrics
+
+
+class NLLLossFn:
+    """SFT loss: negative log-likelihood per response token, normalised over the global batch.
+
+    L = -sum_{i,t} sample_mask_i * token_mask_it * logprobs_it / global_valid_toks.
+    """
+
+    def __call__(
+        self,
+        logprobs: Tensor,
+        data: dict[str, Any],
+        global_valid_seqs: Tensor,
+        global_valid_toks: Tensor,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """This micro-batch's share of the global mean token NLL, and additive metrics.
+
+        Args:
+            logprobs: `[b, T]` next-token log-probs.
+            data: the micro-batch with `token_mask` `[b, T]` and `sample_mask` `[b]`.
+            global_valid_seqs: 0-d tensor, valid sequences in the global batch (unused).
+            global_valid_toks: 0-d tensor, valid response tokens in the global batch.
+
+        Returns:
+            (loss, metrics): metrics `loss`, `num_valid_samples` and `num_valid_tokens` (counts
+            of this micro-batch).
+        """
+        mask = data["token_mask"] * data["sample_mask"][:, None]  # [b, T]
+        loss = -(logprobs * mask).sum() / global_valid_toks.clamp(min=1)
+        metrics = {
+            "loss": loss.item(),
+            "num_valid_samples": int(data["sample_mask"].sum().item()),
+            "num_valid_tokens": int(mask.sum().item()),
+        }
+        return loss, metrics
