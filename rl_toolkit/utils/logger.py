@@ -1,0 +1,242 @@
+"""Training logs: console progress, metrics.jsonl (always), TensorBoard and wandb (optional).
+
+Every metric goes to `<log_dir>/metrics.jsonl`, one JSON object per line:
+
+    {"step": 12, "prefix": "train", "loss": 0.41, "accuracy": 0.87, "tokens_per_second": 5120.0}
+
+`prefix` is "train", "validation" or "timing" (seconds per phase). The file is only ever
+appended to: a resumed run adds its lines after those of the run it resumes, so a step logged
+after the last checkpoint of a killed run appears twice and the later line is the one that
+counts (`read_metrics` applies this rule). TensorBoard and wandb get the same values under
+"<prefix>/<name>".
+"""
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column
+
+METRICS_FILE = "metrics.jsonl"
+_RESERVED_KEYS = ("step", "prefix")
+
+
+class WandbConfig(TypedDict):
+    """wandb run identity; the run files go to `<log_dir>/wandb`."""
+
+    project: str
+    name: str
+
+
+class LoggerConfig(TypedDict):
+    """The `logger` section of the config (defaults in configs/dpo.yaml).
+
+    log_dir: folder for metrics.jsonl, `tensorboard/` and `wandb/`.
+    wandb_enabled: log to wandb (set WANDB_MODE=offline to keep the run local).
+    tensorboard_enabled: write TensorBoard event files to `<log_dir>/tensorboard`.
+    wandb: project and run name.
+    """
+
+    log_dir: str
+    wandb_enabled: bool
+    tensorboard_enabled: bool
+    wandb: WandbConfig
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """`name value | name value` for one console line: 4 significant digits, or a whole
+    number from 1000 up (throughputs read better as 51234 than as 5.123e+04)."""
+    parts = []
+    for name, value in metrics.items():
+        number = float(value)
+        parts.append(f"{name} {number:.0f}" if abs(number) >= 1000 else f"{name} {number:.4g}")
+    return " | ".join(parts)
+
+
+def _to_number(name: str, value: Any) -> float | int | bool:
+    """A metric as a plain Python number; one-element tensors and NumPy scalars included."""
+    if isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item") and getattr(value, "size", None) == 1:  # a NumPy scalar
+        return value.item()
+    raise ValueError(f"metric {name!r} must be a number or a one-element tensor, got {value!r}")
+
+
+class Logger:
+    """Writes metrics to every enabled backend and shows a progress line on the console."""
+
+    def __init__(self, config: LoggerConfig) -> None:
+        self.log_dir = Path(config["log_dir"])
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.log_dir / METRICS_FILE
+        _terminate_last_line(self.metrics_path)
+        self._tensorboard = None
+        if config["tensorboard_enabled"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"))
+        self._wandb_run = None
+        if config["wandb_enabled"]:
+            import wandb
+
+            self._wandb_run = wandb.init(
+                project=config["wandb"]["project"],
+                name=config["wandb"]["name"],
+                dir=str(self.log_dir),
+            )
+        self._console = Console(highlight=False, emoji=False)
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._total_steps = 0
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, prefix: str) -> None:
+        """Append one line to metrics.jsonl and send the values to TensorBoard and wandb.
+
+        Args:
+            metrics: name -> number (Python number, NumPy scalar or one-element tensor).
+            step: the training step the values belong to.
+            prefix: "train", "validation" or "timing".
+
+        Raises:
+            ValueError: a value is not a number, or a name is "step" or "prefix".
+        """
+        values = {name: _to_number(name, value) for name, value in metrics.items()}
+        clash = [name for name in _RESERVED_KEYS if name in values]
+        if clash:
+            raise ValueError(f"metric names {clash} are reserved in {self.metrics_path}")
+        line = json.dumps({"step": step, "prefix": prefix, **values}) + "\n"
+        _append_line(self.metrics_path, line)
+        if self._tensorboard is not None:
+            for name, value in values.items():
+                self._tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+            self._tensorboard.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log({f"{prefix}/{n}": v for n, v in values.items()}, step=step)
+
+    def log_hyperparams(self, config: Mapping[str, Any]) -> None:
+        """Record the resolved config (a plain nested dict) in TensorBoard and wandb."""
+        if self._tensorboard is not None:
+            text = json.dumps(config, indent=2, default=str)
+            # Markdown code block so that TensorBoard keeps the indentation.
+            self._tensorboard.add_text("hyperparams", "```\n" + text + "\n```")
+        if self._wandb_run is not None:
+            self._wandb_run.config.update(dict(config), allow_val_change=True)
+
+    def print_metrics(self, metrics: Mapping[str, Any], step: int, prefix: str) -> None:
+        """Print one line, e.g. `[validation] step 10 | loss 0.4 | accuracy 0.9`."""
+        self._print(f"[{prefix}] step {step} | {format_metrics(metrics)}")
+
+    def start_progress(self, total_steps: int, initial: int) -> None:
+        """Show progress towards `total_steps`, starting at `initial` (the resumed step).
+
+        On a terminal this is a live line (rich); elsewhere (Slurm logs, pipes) each
+        `update_progress` prints one plain line instead.
+        """
+        self._total_steps = total_steps
+        if not self._console.is_terminal:
+            return
+        # Rich cuts a squeezed column with a non-ASCII ellipsis; folding onto a new line keeps
+        # the console plain ASCII on narrow terminals.
+        self._progress = Progress(
+            TextColumn("step {task.completed}/{task.total}", table_column=Column(overflow="fold")),
+            TaskProgressColumn(table_column=Column(overflow="fold")),
+            TimeElapsedColumn(table_column=Column(overflow="fold")),
+            TextColumn("eta", table_column=Column(overflow="fold")),
+            TimeRemainingColumn(table_column=Column(overflow="fold")),
+            TextColumn(
+                "{task.fields[metrics]}", markup=False, table_column=Column(overflow="fold")
+            ),
+            console=self._console,
+        )
+        self._task = self._progress.add_task(
+            "train", total=total_steps, completed=initial, metrics=""
+        )
+        self._progress.start()
+
+    def update_progress(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Move the progress to `step` and show `metrics` (e.g. loss, accuracy, tokens/s)."""
+        text = format_metrics(metrics)
+        if self._progress is None:
+            self._print(f"step {step}/{self._total_steps} | {text}")
+            return
+        self._progress.update(self._task, completed=step, metrics=text)
+
+    def close(self) -> None:
+        """Stop the progress display and flush and close TensorBoard and wandb."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def _print(self, line: str) -> None:
+        # Through the progress console so that the line lands above a live progress bar.
+        self._console.print(line, markup=False, soft_wrap=True)
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append a whole line with one write on an O_APPEND descriptor.
+
+    A process killed at any moment leaves either the whole line or none of it.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def _terminate_last_line(path: Path) -> None:
+    """End a last line cut short (full disk, power loss) so that new lines start clean."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            _append_line(path, "\n")
+
+
+def read_metrics(path: Path, prefix: str) -> dict[int, dict[str, Any]]:
+    """Read the lines of one prefix from a metrics.jsonl.
+
+    Args:
+        path: the metrics.jsonl file.
+        prefix: "train", "validation" or "timing".
+
+    Returns:
+        step -> values (without "step" and "prefix"), in step order; when a step appears
+        more than once (a resumed run redoing steps), the last line wins.
+
+    Raises:
+        ValueError: a line that is not JSON, naming the file and line number.
+    """
+    rows: dict[int, dict[str, Any]] = {}
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not a JSON object ({e})") from e
+            if row["prefix"] == prefix:
+                rows[row["step"]] = {k: v for k, v in row.items() if k not in _RESERVED_KEYS}
+    return dict(sorted(rows.items()))
