@@ -1,0 +1,295 @@
+"""Ray start-up and the virtual cluster: placement groups that reserve one bundle per worker.
+
+A bundle is the slice of the cluster one worker runs in: `{"GPU": 1, "CPU": k}`, or `{"CPU": k}`
+in CPU mode, with `k = max_colocated_worker_groups` so that that many worker groups (one actor
+each) can share a bundle. The worker group (`worker_groups.py`) starts one actor per bundle and
+uses `get_bundles()` to learn which node each bundle landed on.
+"""
+
+import logging
+import os
+from typing import NamedTuple, TypedDict
+
+import ray
+from ray._private import ray_constants
+from ray._private.services import find_bootstrap_address
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
+
+logger = logging.getLogger(__name__)
+
+# Per-process and per-node variables of the driver that would be wrong in a worker: the worker
+# group sets RANK & co. itself, Ray sets the device lists, and SLURM_* / RAY_* describe the
+# driver's own task and node.
+_DRIVER_ONLY_ENV_VARS = {
+    "CUDA_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMP_NUM_THREADS",
+    "HOSTNAME",
+    "PWD",
+    "OLDPWD",
+    "SHLVL",
+    "_",
+}
+_DRIVER_ONLY_ENV_PREFIXES = ("SLURM", "RAY_")
+
+_PER_NODE_STRATEGY = "STRICT_PACK"
+_ONE_GROUP_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+
+
+class ClusterConfig(TypedDict):
+    """The `cluster` section of the config.
+
+    Attributes:
+        gpus_per_node: workers (bundles) per node: GPUs per node, or CPU workers per node in CPU
+            mode.
+        num_nodes: number of nodes.
+    """
+
+    gpus_per_node: int
+    num_nodes: int
+
+
+def _worker_env_vars() -> dict[str, str]:
+    """The driver's environment minus what only makes sense in the driver's own process."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _DRIVER_ONLY_ENV_VARS and not key.startswith(_DRIVER_ONLY_ENV_PREFIXES)
+    }
+
+
+def _disable_uv_run_worker_env() -> None:
+    # When the driver runs under `uv run`, Ray (>= 2.43) by default starts every worker with
+    # `uv run ... python` and uploads the current directory as working_dir, so each worker
+    # re-resolves the project (seconds per worker, and it needs the lock to resolve offline).
+    # Our workers only need the driver's interpreter: the local start below uses it
+    # (sys.executable), and a cluster started with `uv run ray start` uses the same .venv.
+    # Ray read the flag when it was imported, so the module constant is reset as well; the
+    # environment variable covers Ray processes started from here (a local head, workers).
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+
+
+def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to Ray: attach to a running cluster if there is one, else start a local one.
+
+    A running cluster is the one in RAY_ADDRESS, or else the last head started on this machine
+    with `ray start --head` (what `ray.init()` finds). Workers get the driver's environment
+    variables (minus per-process ones such as RANK or CUDA_VISIBLE_DEVICES) and the driver's
+    Python interpreter; the dashboard is off.
+
+    Args:
+        log_dir: directory for the session files and logs of a newly started local cluster
+            (Ray's temp dir; keep it short, Ray puts unix sockets there); when attaching, the
+            cluster's own directory is used and this is ignored.
+        num_cpus: CPUs of a newly started local cluster (default: all cores; tests ask for more
+            than the machine has to oversubscribe it); must be None when attaching.
+    """
+    _disable_uv_run_worker_env()
+    runtime_env = {"env_vars": _worker_env_vars()}
+    address = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+    if address:
+        if num_cpus is not None:
+            raise ValueError(
+                f"init_ray: num_cpus={num_cpus} only applies to a new local cluster, but a "
+                f"running cluster was found at {address} (RAY_ADDRESS or `ray start --head`)"
+            )
+        logger.info("Attaching to the running Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    logger.info("No running Ray cluster found; starting a local one")
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        _temp_dir=os.path.abspath(log_dir) if log_dir else None,
+    )
+
+
+class BundleInfo(NamedTuple):
+    """Where one bundle of the virtual cluster lives."""
+
+    placement_group: PlacementGroup
+    bundle_index: int  # index inside its placement group
+    node_id: str  # Ray node id (hex)
+    node_ip: str
+
+
+class PlacementGroupTimeoutError(RuntimeError):
+    """The cluster cannot provide the requested bundles, or not within the timeout."""
+
+
+class RayVirtualCluster:
+    """Placement groups that reserve one bundle per worker on a Ray cluster.
+
+    Args:
+        bundle_ct_per_node_list: bundles (workers) per node, e.g. `[8, 8]` for two 8-GPU nodes.
+        use_gpus: one GPU per bundle; falls back to CPU bundles (with a warning) when the Ray
+            cluster has no GPUs.
+        max_colocated_worker_groups: worker groups that may share a bundle; each bundle gets
+            that many CPUs (one per actor) and each actor 1 / that of the bundle's GPU.
+        num_gpus_per_node: GPUs per node; a node's bundle count may not exceed it (GPU mode).
+        name: prefix of the placement group names (shows in `ray status` / `ray list`).
+        placement_group_strategy: "STRICT_PACK": one placement group per node entry, its
+            bundles packed on one node; "PACK", "SPREAD" or "STRICT_SPREAD": one placement
+            group holding all bundles, placed with that strategy.
+        ready_timeout_s: how long to wait for the placement groups before giving up.
+    """
+
+    def __init__(
+        self,
+        bundle_ct_per_node_list: list[int],
+        use_gpus: bool = True,
+        max_colocated_worker_groups: int = 1,
+        num_gpus_per_node: int = 8,
+        name: str = "",
+        placement_group_strategy: str = "SPREAD",
+        ready_timeout_s: float = 180.0,
+    ) -> None:
+        self._check_args(bundle_ct_per_node_list, max_colocated_worker_groups)
+        if placement_group_strategy not in (_PER_NODE_STRATEGY, *_ONE_GROUP_STRATEGIES):
+            raise ValueError(
+                f"RayVirtualCluster: placement_group_strategy={placement_group_strategy!r}; "
+                f"expected one of {[_PER_NODE_STRATEGY, *_ONE_GROUP_STRATEGIES]}"
+            )
+        if use_gpus and ray.cluster_resources().get("GPU", 0) == 0:
+            logger.warning(
+                "The Ray cluster has no GPUs: RayVirtualCluster %r uses CPU bundles", name
+            )
+            use_gpus = False
+        if use_gpus and max(bundle_ct_per_node_list) > num_gpus_per_node:
+            raise ValueError(
+                f"RayVirtualCluster: bundle_ct_per_node_list={bundle_ct_per_node_list} asks for "
+                f"more GPUs on a node than num_gpus_per_node={num_gpus_per_node}"
+            )
+        self.bundle_ct_per_node_list = list(bundle_ct_per_node_list)
+        self.use_gpus = use_gpus
+        self.max_colocated_worker_groups = max_colocated_worker_groups
+        self.name = name
+        self.placement_group_strategy = placement_group_strategy
+        self._check_feasible()
+        self._placement_groups = self._create_placement_groups(ready_timeout_s)
+
+    @staticmethod
+    def _check_args(bundle_ct_per_node_list: list[int], max_colocated_worker_groups: int) -> None:
+        if not bundle_ct_per_node_list or min(bundle_ct_per_node_list) < 1:
+            raise ValueError(
+                "RayVirtualCluster: bundle_ct_per_node_list must be a non-empty list of positive "
+                f"bundle counts per node, got {bundle_ct_per_node_list}"
+            )
+        if max_colocated_worker_groups < 1:
+            raise ValueError(
+                "RayVirtualCluster: max_colocated_worker_groups must be >= 1, got "
+                f"{max_colocated_worker_groups}"
+            )
+
+    def _bundle(self) -> dict[str, float]:
+        bundle = {"CPU": float(self.max_colocated_worker_groups)}
+        if self.use_gpus:
+            bundle["GPU"] = 1.0
+        return bundle
+
+    def _create_placement_groups(self, ready_timeout_s: float) -> list[PlacementGroup]:
+        if self.placement_group_strategy == _PER_NODE_STRATEGY:
+            bundles_per_group = [[self._bundle()] * count for count in self.bundle_ct_per_node_list]
+        else:
+            bundles_per_group = [[self._bundle()] * self.world_size()]
+        groups = [
+            placement_group(
+                bundles,
+                strategy=self.placement_group_strategy,
+                name=f"{self.name}-pg{group_idx}" if self.name else "",
+            )
+            for group_idx, bundles in enumerate(bundles_per_group)
+        ]
+        try:
+            ray.get([group.ready() for group in groups], timeout=ready_timeout_s)
+        except ray.exceptions.GetTimeoutError as error:
+            # Describe the cluster before removing our groups: what they hold counts as taken.
+            message = self._missing_resources_message(f"not ready after {ready_timeout_s:.0f} s")
+            for group in groups:
+                ray.util.remove_placement_group(group)
+            raise PlacementGroupTimeoutError(message) from error
+        return groups
+
+    def _requested_resources(self) -> dict[str, float]:
+        return {key: amount * self.world_size() for key, amount in self._bundle().items()}
+
+    def _check_feasible(self) -> None:
+        # Fail at once, rather than after the timeout, when the whole cluster is too small.
+        total = ray.cluster_resources()
+        if any(amount > total.get(key, 0) for key, amount in self._requested_resources().items()):
+            raise PlacementGroupTimeoutError(
+                self._missing_resources_message("cannot fit: the cluster is too small")
+            )
+
+    def _missing_resources_message(self, reason: str) -> str:
+        requested = self._requested_resources()
+        total, available = ray.cluster_resources(), ray.available_resources()
+        lines = [
+            f"RayVirtualCluster {self.name!r}: placement groups {reason} "
+            f"({self.placement_group_strategy}, bundles per node {self.bundle_ct_per_node_list}, "
+            f"each {self._bundle()}).",
+            f"  requested: {requested}",
+            f"  cluster total: { {key: total.get(key, 0) for key in requested} }",
+            f"  available now: { {key: available.get(key, 0) for key in requested} }",
+            f"  per node: {_resources_per_node(list(requested))}",
+        ]
+        return "\n".join(lines)
+
+    def world_size(self) -> int:
+        """Number of bundles, i.e. of workers in a worker group on this cluster."""
+        return sum(self.bundle_ct_per_node_list)
+
+    def get_placement_groups(self) -> list[PlacementGroup]:
+        """The placement groups, in creation order."""
+        return list(self._placement_groups)
+
+    def get_bundles(self) -> list[BundleInfo]:
+        """Every bundle with its node, in rank order: grouped by node, nodes in order of first
+        appearance, bundles of a node in placement group order.
+
+        SPREAD strategies interleave nodes in bundle order; grouping keeps the ranks of a node
+        contiguous, so LOCAL_RANK and NODE_RANK follow from the position in this list.
+        """
+        node_ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        bundles = []
+        for group in self._placement_groups:
+            bundle_nodes = placement_group_table(group)["bundles_to_node_id"]
+            for bundle_index in range(group.bundle_count):
+                node_id = bundle_nodes[bundle_index]
+                bundles.append(BundleInfo(group, bundle_index, node_id, node_ips[node_id]))
+        node_order = {
+            node_id: i for i, node_id in enumerate(dict.fromkeys(b.node_id for b in bundles))
+        }
+        return sorted(bundles, key=lambda bundle: node_order[bundle.node_id])
+
+    def shutdown(self) -> None:
+        """Remove the placement groups (idempotent), freeing their resources for a new cluster."""
+        for group in self._placement_groups:
+            ray.util.remove_placement_group(group)
+        self._placement_groups = []
+
+
+def _resources_per_node(resources: list[str]) -> list[str]:
+    """Each alive node's IP and total amount of the resources named (Ray reports no per-node
+    availability; the cluster-wide one is in the message above it)."""
+    summary = []
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        total = node["Resources"]
+        summary.append(
+            f"{node['NodeManagerAddress']} total { ({k: total.get(k, 0) for k in resources}) }"
+        )
+    return summary

@@ -1,0 +1,254 @@
+"""RayWorkerGroup: one Ray actor per bundle of a RayVirtualCluster, and dispatch to them.
+
+The worker itself is a plain Python class (its `__init__` takes keyword arguments); it can be
+built and tested without Ray. Here it is wrapped in a thin actor that builds it inside its own
+process, whose environment carries the torch.distributed rendezvous variables (RANK,
+WORLD_SIZE, LOCAL_RANK, NODE_RANK, MASTER_ADDR, MASTER_PORT), so the worker calls
+`torch.distributed.init_process_group(init_method="env://")` as under torchrun.
+"""
+
+import socket
+from typing import Any, NamedTuple
+
+import ray
+import torch
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
+from rl_toolkit.distributed.virtual_cluster import BundleInfo, RayVirtualCluster
+
+
+class WorkerError(RuntimeError):
+    """A worker raised, or its process died. The message names the worker, its node and the
+    cause (with the remote traceback); the original Ray error is in `cause`."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class WorkerFuture(NamedTuple):
+    """A pending call on one worker; pass a list of them to `RayWorkerGroup.get_results`."""
+
+    rank: int
+    method: str
+    ref: ray.ObjectRef
+
+
+class _WorkerActor:
+    """The actor body: builds the plain worker in the actor's process and forwards calls."""
+
+    def __init__(
+        self, worker_cls: type, worker_kwargs: dict[str, Any], num_threads: int | None
+    ) -> None:
+        if num_threads is not None:
+            # OMP_NUM_THREADS is set too, but torch may have sized its pool before reading it.
+            torch.set_num_threads(num_threads)
+        self.worker = worker_cls(**worker_kwargs)
+
+    def ready(self) -> None:
+        """Returns once __init__ has finished (Ray runs actor calls in order)."""
+
+    def call(self, method: str, kwargs: dict[str, Any]) -> Any:
+        return getattr(self.worker, method)(**kwargs)
+
+
+_RemoteWorkerActor = ray.remote(_WorkerActor)
+
+
+@ray.remote(num_cpus=0)
+def _find_free_port() -> int:
+    # Port 0 lets the OS pick a free port; it is released again for the rank-0 worker to bind.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_env(bundles: list[BundleInfo], master_port: int) -> list[dict[str, str]]:
+    """torch.distributed env vars per rank; bundles are in rank order, grouped by node."""
+    node_ranks = {node_id: i for i, node_id in enumerate(dict.fromkeys(b.node_id for b in bundles))}
+    envs, num_seen_on_node = [], dict.fromkeys(node_ranks, 0)
+    for rank, bundle in enumerate(bundles):
+        envs.append(
+            {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(len(bundles)),
+                "LOCAL_RANK": str(num_seen_on_node[bundle.node_id]),
+                "NODE_RANK": str(node_ranks[bundle.node_id]),
+                "MASTER_ADDR": bundles[0].node_ip,
+                "MASTER_PORT": str(master_port),
+            }
+        )
+        num_seen_on_node[bundle.node_id] += 1
+    return envs
+
+
+class RayWorkerGroup:
+    """One actor per bundle of `cluster`, with rank = position in `cluster.get_bundles()`.
+
+    Args:
+        cluster: the virtual cluster whose bundles host the workers.
+        worker_cls: a plain class; each actor builds `worker_cls(**worker_kwargs)`.
+        name_prefix: worker names are `f"{name_prefix}-{rank}"` (used in error messages).
+        worker_kwargs: keyword arguments of `worker_cls.__init__`.
+
+    CPU workers run with `OMP_NUM_THREADS=1` and `torch.set_num_threads(1)`: one CPU per actor.
+    GPU workers see only their GPU (Ray sets CUDA_VISIBLE_DEVICES), i.e. device `cuda:0`.
+    Construction returns once every worker's `__init__` has finished and raises WorkerError if
+    one failed.
+    """
+
+    def __init__(
+        self,
+        cluster: RayVirtualCluster,
+        worker_cls: type,
+        *,
+        name_prefix: str,
+        worker_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.worker_cls = worker_cls
+        self.bundles = cluster.get_bundles()
+        self.world_size = len(self.bundles)
+        self.worker_names = [f"{name_prefix}-{rank}" for rank in range(self.world_size)]
+        master_port = ray.get(
+            _find_free_port.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    self.bundles[0].node_id, soft=False
+                )
+            ).remote()
+        )
+        num_threads = None if cluster.use_gpus else 1
+        self._actors = []
+        for bundle, env in zip(self.bundles, _rank_env(self.bundles, master_port), strict=True):
+            if num_threads is not None:
+                env["OMP_NUM_THREADS"] = str(num_threads)
+            options = {
+                "num_cpus": 1,
+                "num_gpus": 1 / cluster.max_colocated_worker_groups if cluster.use_gpus else 0,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement_group=bundle.placement_group,
+                    placement_group_bundle_index=bundle.bundle_index,
+                ),
+                "runtime_env": {"env_vars": env},
+            }
+            actor = _RemoteWorkerActor.options(**options).remote(
+                worker_cls, worker_kwargs or {}, num_threads
+            )
+            self._actors.append(actor)
+        self.get_results(
+            [
+                WorkerFuture(rank, "__init__", a.ready.remote())
+                for rank, a in enumerate(self._actors)
+            ]
+        )
+
+    def _check_method(self, method: str) -> None:
+        if not callable(getattr(self.worker_cls, method, None)):
+            raise ValueError(f"{self.worker_cls.__name__} has no method {method!r} to dispatch")
+
+    def _call(self, rank: int, method: str, kwargs: dict[str, Any]) -> WorkerFuture:
+        assert self._actors, "the worker group has been shut down"
+        return WorkerFuture(rank, method, self._actors[rank].call.remote(method, kwargs))
+
+    def _dispatch(self, method: str, kwargs_per_rank: list[dict[str, Any]]) -> list[WorkerFuture]:
+        self._check_method(method)
+        return [self._call(rank, method, kwargs) for rank, kwargs in enumerate(kwargs_per_rank)]
+
+    def run_all_workers_single_data_async(self, method: str, **kwargs: Any) -> list[WorkerFuture]:
+        """Call `method(**kwargs)` on every worker without waiting; futures in rank order."""
+        return self._dispatch(method, [kwargs] * self.world_size)
+
+    def run_all_workers_single_data(self, method: str, **kwargs: Any) -> list[Any]:
+        """Call `method(**kwargs)` on every worker.
+
+        Returns:
+            The workers' return values in rank order.
+        """
+        return self.get_results(self.run_all_workers_single_data_async(method, **kwargs))
+
+    def run_all_workers_sharded_data_async(
+        self,
+        method: str,
+        *,
+        data: BatchedDataDict,
+        batch_size: int | None = None,
+        common_kwargs: dict[str, Any] | None = None,
+    ) -> list[WorkerFuture]:
+        """Like `run_all_workers_sharded_data`, without waiting; futures in rank order."""
+        common_kwargs = common_kwargs or {}
+        if "data" in common_kwargs:
+            raise ValueError("common_kwargs may not contain 'data': it is the per-worker shard")
+        shards = data.shard_by_batch_size(self.world_size, batch_size=batch_size)
+        return self._dispatch(method, [{**common_kwargs, "data": shard} for shard in shards])
+
+    def run_all_workers_sharded_data(
+        self,
+        method: str,
+        *,
+        data: BatchedDataDict,
+        batch_size: int | None = None,
+        common_kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Call `method(data=shard_i, **common_kwargs)` on worker i.
+
+        Args:
+            method: name of the worker method.
+            data: the batch; split with `data.shard_by_batch_size(world_size, batch_size)`.
+            batch_size: rows per chunk (e.g. the global batch size), see `shard_by_batch_size`.
+            common_kwargs: further keyword arguments, the same for every worker.
+
+        Returns:
+            The workers' return values in rank order.
+        """
+        futures = self.run_all_workers_sharded_data_async(
+            method, data=data, batch_size=batch_size, common_kwargs=common_kwargs
+        )
+        return self.get_results(futures)
+
+    def run_single_worker(self, method: str, *, worker_idx: int = 0, **kwargs: Any) -> Any:
+        """Call `method(**kwargs)` on the worker of rank `worker_idx` and return its result."""
+        if not 0 <= worker_idx < self.world_size:
+            raise ValueError(f"worker_idx={worker_idx} is not a rank in [0, {self.world_size})")
+        self._check_method(method)
+        return self.get_results([self._call(worker_idx, method, kwargs)])[0]
+
+    def get_results(self, futures: list[WorkerFuture]) -> list[Any]:
+        """Wait for `futures` and return their values in the order given.
+
+        Waits on all of them at once, so the first failure is raised as soon as it happens,
+        even while other workers are still blocked (e.g. in a collective with the dead one).
+
+        Raises:
+            WorkerError: a worker raised or died; the others are left as they are (call
+                `shutdown()` to stop them).
+        """
+        by_ref = {future.ref: future for future in futures}
+        values, pending = {}, list(by_ref)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    values[ref] = ray.get(ref)
+                except ray.exceptions.RayError as error:
+                    raise self._worker_error(by_ref[ref], error) from None
+        return [values[future.ref] for future in futures]
+
+    def _worker_error(self, future: WorkerFuture, error: ray.exceptions.RayError) -> WorkerError:
+        bundle = self.bundles[future.rank]
+        died = isinstance(error, ray.exceptions.RayActorError)
+        what = "died" if died else "raised"
+        message = (
+            f"Worker {self.worker_names[future.rank]} (rank {future.rank} of {self.world_size}) "
+            f"on node {bundle.node_ip} (node id {bundle.node_id}) {what} in "
+            f"{self.worker_cls.__name__}.{future.method}(): {error}"
+        )
+        return WorkerError(message, error)
+
+    def shutdown(self) -> None:
+        """Kill the workers (idempotent); their bundles stay reserved in the cluster."""
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []

@@ -1,0 +1,46 @@
+"""Fixtures shared by the whole test suite."""
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import ray
+
+from rl_toolkit.distributed.virtual_cluster import init_ray
+
+# Ray is told there are more CPUs than the 2-core CI machine has: the tests' workers mostly
+# wait on each other, and a two-worker group plus a few helper tasks must fit at once.
+NUM_TEST_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local Ray cluster with NUM_TEST_CPUS CPUs for the whole session, started by init_ray.
+
+    Its files live in a private RAY_TMPDIR, so the tests neither attach to nor get attached by
+    another Ray instance on the machine (another test session, or a `ray start --head`), and
+    RAY_ADDRESS is ignored for the same reason.
+    """
+    saved = {key: os.environ.pop(key, None) for key in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    # Short path: Ray puts unix sockets under it (limit about 107 characters).
+    tmp_dir = tempfile.mkdtemp(prefix="rlt-ray-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = tmp_dir
+    init_ray(num_cpus=NUM_TEST_CPUS)
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    for key, value in saved.items():
+        os.environ.pop(key, None)
+        if value is not None:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port that is free on this machine right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
