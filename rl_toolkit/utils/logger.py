@@ -89,19 +89,29 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"))
-        self._wandb_run = None
-        if config["wandb_enabled"]:
-            import wandb
-
-            self._wandb_run = wandb.init(
-                project=config["wandb"]["project"],
-                name=config["wandb"]["name"],
-                dir=str(self.log_dir),
-            )
         self._console = Console(highlight=False, emoji=False)
+        self._wandb_run = self._start_wandb(config["wandb"]) if config["wandb_enabled"] else None
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._total_steps = 0
+
+    def _start_wandb(self, config: WandbConfig) -> Any:
+        """Start a wandb run whose files go to `<log_dir>/wandb`; print where to find it."""
+        import wandb
+
+        # wandb's own banner has emoji and sparklines; we print a plain line instead.
+        run = wandb.init(
+            project=config["project"],
+            name=config["name"],
+            dir=str(self.log_dir),
+            settings=wandb.Settings(silent=True),
+        )
+        if run.offline:
+            sync_dir = run.settings.sync_dir
+            self._print(f"wandb: offline run in {sync_dir}; upload it with `wandb sync {sync_dir}`")
+        else:
+            self._print(f"wandb: run {config['name']} at {run.url}")
+        return run
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int, prefix: str) -> None:
         """Append one line to metrics.jsonl and send the values to TensorBoard and wandb.

@@ -72,9 +72,8 @@ def test_tensorboard_event_file_holds_scalars(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5)]
 
 
-def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
+def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     # Keep wandb's own settings and caches out of the home folder.
     for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
@@ -85,6 +84,9 @@ def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
     runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb"))
+    out = capsys.readouterr().out
+    assert f"wandb sync {runs[0]}" in out
+    assert out.isascii()
 
 
 def test_plain_progress_and_metric_lines_off_a_terminal(tmp_path, capsys):
