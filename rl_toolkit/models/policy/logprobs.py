@@ -1,0 +1,100 @@
+"""Next-token log-probs computed chunk by chunk, so full-vocabulary logits never exist at once.
+
+A micro-batch of ``b`` rows and ``T`` positions would need a ``[b, T, V]`` float32 tensor for a
+plain ``log_softmax(lm_head(hidden)).gather(...)``, and autograd would keep it (and the softmax)
+alive until the backward pass. Here the tokens are processed ``chunk_size`` at a time: the
+forward keeps only the log-sum-exp of each token (``[N]``), and the backward recomputes one
+chunk's logits at a time. Peak extra memory is about ``2 * chunk_size * V * 4`` bytes, whatever
+``b`` and ``T`` are.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _float_dtype(tensor: torch.Tensor) -> torch.dtype:
+    # Logits and their softmax in float32 at least (bf16 matmul, float32 log-softmax).
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """``log softmax(hidden @ weight.T)[target]`` per token, chunked over tokens."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        # hidden: (N, H), weight: (V, H), targets: (N,) -> logprobs (N,) float32
+        num_tokens = hidden.shape[0]
+        logprobs = torch.empty(num_tokens, dtype=_float_dtype(hidden), device=hidden.device)
+        logsumexp = torch.empty_like(logprobs)
+        for start in range(0, num_tokens, chunk_size):
+            end = min(start + chunk_size, num_tokens)
+            logits = (hidden[start:end] @ weight.T).to(logprobs.dtype)  # (n, V)
+            logsumexp[start:end] = torch.logsumexp(logits, dim=-1)
+            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+            logprobs[start:end] = target_logits - logsumexp[start:end]
+        ctx.save_for_backward(hidden, weight, targets, logsumexp)
+        ctx.chunk_size = chunk_size
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        hidden, weight, targets, logsumexp = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # Accumulate in float32 even for bf16 weights: many chunks add into one tensor.
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=logsumexp.dtype, device=weight.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits = (hidden[start:end] @ weight.T).to(logsumexp.dtype)  # (n, V)
+            # d logprob / d logits = onehot(target) - softmax(logits)
+            probs = torch.exp(logits - logsumexp[start:end, None])
+            grad_out = grad_logprobs[start:end, None]  # (n, 1)
+            grad_logits = -grad_out * probs
+            grad_logits.scatter_add_(1, targets[start:end, None], grad_out)
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ hidden[start:end]
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_next_token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    input_lengths: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Log-probs of each next token under ``lm_head``, in the project's log-prob convention.
+
+    ``out[i, t] = log p(input_ids[i, t] | input_ids[i, :t])`` for ``1 <= t < input_lengths[i]``
+    and ``0.0`` at ``t = 0`` and at padding (docs/design.md, "Log-probs").
+
+    Args:
+        hidden: final hidden states (after the last norm), ``[b, T, H]``.
+        lm_head_weight: output projection, ``[V, H]`` (no bias).
+        input_ids: ``[b, T]`` int64 tokens.
+        input_lengths: ``[b]`` number of real tokens per row.
+        chunk_size: number of tokens whose ``[chunk_size, V]`` logits exist at once.
+
+    Returns:
+        ``[b, T]`` float32 log-probs, differentiable w.r.t. ``hidden`` and ``lm_head_weight``.
+    """
+    assert chunk_size > 0, "chunk_size must be positive"
+    batch, seq_len, hidden_size = hidden.shape
+    # Position t-1 predicts token t, so drop the last position of hidden and the first token.
+    flat_hidden = hidden[:, :-1].reshape(-1, hidden_size)  # (b * (T-1), H)
+    targets = input_ids[:, 1:].reshape(-1)  # (b * (T-1),)
+    flat = _ChunkedTokenLogprobs.apply(flat_hidden, lm_head_weight, targets, chunk_size)
+    logprobs = F.pad(flat.view(batch, seq_len - 1), (1, 0))  # (b, T)
+    positions = torch.arange(seq_len, device=hidden.device)
+    valid = (positions[None, :] >= 1) & (
+        positions[None, :] < input_lengths[:, None].to(hidden.device)
+    )
+    return torch.where(valid, logprobs, torch.zeros_like(logprobs))
