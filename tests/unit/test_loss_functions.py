@@ -238,7 +238,7 @@ def test_micro_batches_sum_to_global_batch() -> None:
     total.backward()
 
     assert total.item() == pytest.approx(loss.item(), rel=1e-6)
-    torch.testing.assert_close(parts.grad, full.grad)
+    assert torch.allclose(parts.grad, full.grad, rtol=1e-6, atol=1e-7)
     assert summed == pytest.approx(metrics, rel=1e-5)
     # the padding pair gets no gradient
     assert full.grad[-2:].abs().sum() == 0

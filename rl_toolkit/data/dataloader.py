@@ -1,0 +1,125 @@
+"""The resumable preference dataloader and its seeded, stateful shuffle."""
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from rl_toolkit.data.collate import preference_collate_fn
+from rl_toolkit.data.datasets import PreferencePairDataset
+
+
+class SeededShuffleSampler(torch.utils.data.Sampler[int]):
+    """Indices in a fresh random order each epoch; epoch e uses torch.randperm seeded by seed + e.
+
+    The permutation is drawn lazily, when an epoch's first index is taken, so it does not
+    matter how many iterators the loader creates (with worker processes StatefulDataLoader
+    creates two per epoch, which shifts the order of torchdata's own RandomSampler). The
+    sampler and its iterator are Stateful: the state is (next epoch) and (epoch, indices
+    taken), so a restored loader continues with exactly the next index.
+
+    Args:
+        num_items: dataset length.
+        seed: base seed (dpo.seed).
+    """
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0  # the next epoch to start
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> "_ShuffleIterator":
+        return _ShuffleIterator(self)
+
+    def permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_items, generator=generator).tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch = state_dict["epoch"]
+
+
+class _ShuffleIterator(Iterator[int]):
+    """One epoch of SeededShuffleSampler; claims its epoch number on the first next()."""
+
+    def __init__(self, sampler: SeededShuffleSampler) -> None:
+        self.sampler = sampler
+        self.epoch: int | None = None
+        self.order: list[int] = []
+        self.num_taken = 0
+
+    def _start(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order = self.sampler.permutation(epoch)
+        self.sampler.epoch = epoch + 1
+
+    def __next__(self) -> int:
+        if self.epoch is None:
+            self._start(self.sampler.epoch)
+        if self.num_taken == len(self.order):
+            raise StopIteration
+        self.num_taken += 1
+        return self.order[self.num_taken - 1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "num_taken": self.num_taken}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["epoch"] is not None:
+            self._start(state_dict["epoch"])
+            self.num_taken = state_dict["num_taken"]
+
+
+def build_preference_dataloader(
+    dataset: PreferencePairDataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    pad_token_id: int,
+    pad_to_multiple_of: int,
+    drop_last: bool,
+) -> StatefulDataLoader:
+    """A StatefulDataLoader of preference batches (see preference_collate_fn for the keys).
+
+    The shuffle order depends only on `seed` and the epoch (SeededShuffleSampler), not on
+    num_workers, and the global torch RNG is not touched. `state_dict()` taken mid-epoch and
+    loaded into a loader built with the same arguments continues with exactly the next batch.
+
+    Args:
+        dataset: the tokenised pairs.
+        batch_size: pairs per batch (a batch has 2 * batch_size rows).
+        shuffle: reshuffle every epoch (training); False keeps dataset order (validation).
+        seed: seeds the shuffle (dpo.seed).
+        num_workers: worker processes for collation (data.num_workers).
+        pad_token_id: the tokenizer's pad token id.
+        pad_to_multiple_of: round T up to a multiple of this (data.pad_to_multiple_of).
+        drop_last: drop the last partial batch (training); validation keeps it and pads it
+            with pad_batch_to.
+
+    Returns:
+        The dataloader.
+    """
+    return StatefulDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=SeededShuffleSampler(len(dataset), seed) if shuffle else None,
+        # worker seeds are drawn from this generator rather than the global RNG
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+        drop_last=drop_last,
+        collate_fn=partial(
+            preference_collate_fn,
+            pad_token_id=pad_token_id,
+            pad_to_multiple_of=pad_to_multiple_of,
+        ),
+    )

@@ -1,0 +1,230 @@
+"""Picking a preference dataset by name, and the tokenised pair dataset the loader reads.
+
+`load_preference_dataset(data_config)` returns an object with `formatted_ds` and `task_spec`.
+`PreferencePairDataset` tokenises one split once, up front (so its length and the counts of
+dropped / truncated pairs are known before training starts), and applies the length policy.
+"""
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rl_toolkit.data.hf_datasets import BinaryPreferenceDataset, DPODataset, HelpSteer3Dataset
+from rl_toolkit.data.interfaces import DataConfig, PreferenceDataset, require_key
+from rl_toolkit.data.rows import ROW_KEYS, load_pairs_from_records
+from rl_toolkit.data.tokenization import OVERLONG_POLICIES, fit_prompt, tokenize_pair
+
+logger = logging.getLogger(__name__)
+
+
+def _require_present(data_config: DataConfig, key: str) -> Any:
+    """`data.<key>`, which may be null but must be written in the config."""
+    if key not in data_config:
+        raise ValueError(
+            f"data.{key} must be set (null allowed) for "
+            f"data.dataset_name={data_config['dataset_name']!r}"
+        )
+    return data_config[key]
+
+
+def _build_dpo_dataset(data_config: DataConfig) -> DPODataset:
+    return DPODataset(
+        require_key(data_config, "train_data_path"), require_key(data_config, "val_data_path")
+    )
+
+
+def _build_binary_preference_dataset(data_config: DataConfig) -> BinaryPreferenceDataset:
+    return BinaryPreferenceDataset(
+        require_key(data_config, "train_data_path"),
+        require_key(data_config, "val_data_path"),
+        prompt_key=_require_present(data_config, "prompt_key"),
+        chosen_key=require_key(data_config, "chosen_key"),
+        rejected_key=require_key(data_config, "rejected_key"),
+        train_split=_require_present(data_config, "train_split"),
+        val_split=_require_present(data_config, "val_split"),
+    )
+
+
+def _build_helpsteer3(data_config: DataConfig) -> HelpSteer3Dataset:
+    return HelpSteer3Dataset()
+
+
+DATASET_BUILDERS: dict[str, Callable[[DataConfig], PreferenceDataset]] = {
+    "DPODataset": _build_dpo_dataset,
+    "BinaryPreferenceDataset": _build_binary_preference_dataset,
+    "HelpSteer3": _build_helpsteer3,
+}
+
+
+def _import_dataset_class(dotted_path: str) -> Callable[[DataConfig], PreferenceDataset]:
+    module_name, _, class_name = dotted_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"data.dataset_name={dotted_path!r}: cannot import it as module.Class ({error})"
+        ) from None
+
+
+def _check_user_dataset(dataset: Any, name: str) -> None:
+    """A user class must expose formatted_ds (train, validation) with valid rows, and task_spec."""
+    formatted = getattr(dataset, "formatted_ds", None)
+    if not isinstance(formatted, dict) or not {"train", "validation"} <= set(formatted):
+        raise ValueError(
+            f"{name}: formatted_ds must be a dict with 'train' and 'validation' datasets"
+        )
+    if not hasattr(dataset, "task_spec"):
+        raise ValueError(f"{name}: the dataset has no task_spec")
+    for split in ("train", "validation"):
+        rows = formatted[split]
+        if not isinstance(rows, datasets.Dataset):
+            raise ValueError(f"{name}: formatted_ds[{split!r}] must be a datasets.Dataset")
+        missing = set(ROW_KEYS) - set(rows.column_names)
+        if missing:
+            raise ValueError(f"{name}: formatted_ds[{split!r}] lacks columns {sorted(missing)}")
+        records = [(index + 1, row) for index, row in enumerate(rows)]
+        load_pairs_from_records(
+            records,
+            f"{name}[{split}]",
+            prompt_key="prompt",
+            chosen_key="chosen_response",
+            rejected_key="rejected_response",
+        )
+
+
+def load_preference_dataset(data_config: DataConfig) -> PreferenceDataset:
+    """Build the dataset named by `data.dataset_name`.
+
+    Args:
+        data_config: the `data` config section. dataset_name is a key of DATASET_BUILDERS or
+            the dotted path of a class, called as `cls(data_config)`, whose rows are checked.
+
+    Returns:
+        An object with `formatted_ds` ({"train", "validation"}) and `task_spec`.
+    """
+    name = data_config["dataset_name"]
+    if name in DATASET_BUILDERS:
+        return DATASET_BUILDERS[name](data_config)
+    if "." not in name:
+        raise ValueError(
+            f"data.dataset_name={name!r} is unknown; expected one of {sorted(DATASET_BUILDERS)} "
+            "or the dotted path of a dataset class (my_pkg.module.MyDataset)"
+        )
+    dataset = _import_dataset_class(name)(data_config)
+    _check_user_dataset(dataset, name)
+    return dataset
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """One split of preference pairs, tokenised up front, for the pair-aware collate.
+
+    Item i is a dict: `pair_id` (int, the row's index in the formatted split, stable across
+    runs), `prompt_length` (int, P), `chosen_input_ids` and `rejected_input_ids` (int64
+    tensors: the P prompt tokens then the response tokens and EOS).
+
+    Args:
+        rows: the formatted split (prompt, chosen_response, rejected_response).
+        tokenizer: the policy's tokenizer.
+        max_total_sequence_length: the longest allowed prompt + response, in tokens.
+        overlong_policy: "drop" or "truncate_prompt" (see tokenization.fit_prompt).
+        source: names the split in logs and errors (e.g. "train").
+
+    Attributes:
+        counts: {"num_rows", "num_pairs", "num_dropped", "num_truncated"}.
+    """
+
+    def __init__(
+        self,
+        rows: datasets.Dataset,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_total_sequence_length: int,
+        overlong_policy: str,
+        source: str,
+    ) -> None:
+        if overlong_policy not in OVERLONG_POLICIES:
+            raise ValueError(
+                f"data.overlong_policy={overlong_policy!r}; expected one of {OVERLONG_POLICIES}"
+            )
+        self.items: list[dict[str, Any]] = []
+        num_truncated = 0
+        for index, row in enumerate(rows):
+            where = f"{source}, row {index + 1}"
+            prompt_ids, chosen_ids, rejected_ids = tokenize_pair(
+                tokenizer, row["prompt"], row["chosen_response"], row["rejected_response"], where
+            )
+            fitted = fit_prompt(
+                prompt_ids,
+                max(len(chosen_ids), len(rejected_ids)),
+                max_total_sequence_length=max_total_sequence_length,
+                overlong_policy=overlong_policy,
+                bos_id=tokenizer.bos_token_id,
+            )
+            if fitted is None:
+                continue
+            num_truncated += len(fitted) < len(prompt_ids)
+            self.items.append(
+                {
+                    "pair_id": index,
+                    "prompt_length": len(fitted),
+                    "chosen_input_ids": torch.tensor(fitted + chosen_ids, dtype=torch.int64),
+                    "rejected_input_ids": torch.tensor(fitted + rejected_ids, dtype=torch.int64),
+                }
+            )
+        self.counts = {
+            "num_rows": len(rows),
+            "num_pairs": len(self.items),
+            "num_dropped": len(rows) - len(self.items),
+            "num_truncated": num_truncated,
+        }
+        self._log_counts(source, max_total_sequence_length, overlong_policy)
+        if not self.items:
+            raise ValueError(
+                f"{source}: no pair fits in {max_total_sequence_length} tokens; raise "
+                "policy.max_total_sequence_length or use data.overlong_policy=truncate_prompt"
+            )
+
+    def _log_counts(self, source: str, max_length: int, overlong_policy: str) -> None:
+        counts = self.counts
+        log = logger.warning if counts["num_dropped"] or counts["num_truncated"] else logger.info
+        log(
+            "%s: %d pairs from %d rows; longer than %d tokens: %d dropped, %d prompts truncated "
+            "(data.overlong_policy=%s)",
+            source,
+            counts["num_pairs"],
+            counts["num_rows"],
+            max_length,
+            counts["num_dropped"],
+            counts["num_truncated"],
+            overlong_policy,
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def tokenize_splits(
+    dataset: PreferenceDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    data_config: DataConfig,
+    max_total_sequence_length: int,
+) -> tuple[PreferencePairDataset, PreferencePairDataset]:
+    """The train and validation PreferencePairDatasets of a loaded preference dataset."""
+    return tuple(
+        PreferencePairDataset(
+            dataset.formatted_ds[split],
+            tokenizer,
+            max_total_sequence_length=max_total_sequence_length,
+            overlong_policy=data_config["overlong_policy"],
+            source=f"{dataset.task_spec['task_name']}[{split}]",
+        )
+        for split in ("train", "validation")
+    )
