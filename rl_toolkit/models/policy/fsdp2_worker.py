@@ -1,0 +1,677 @@
+"""The FSDP2 policy worker: one process, one shard of the model, its optimizer and reference.
+
+A plain class: it runs standalone (world size 1), under torchrun, or as a Ray actor (the policy
+facade wraps it with ``ray.remote``). It reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT from the environment; without WORLD_SIZE it is a single process.
+
+Every public method is collective: all workers of a group call it together, each with its own
+shard of the data. Batch sizes count sequences (rows), never pairs.
+"""
+
+import copy
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
+from rl_toolkit.models.policy import PolicyConfig, SchedulerConfig
+from rl_toolkit.models.policy.logprobs import chunked_next_token_logprobs
+
+# loss, metrics = loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks)
+LossFn = Callable[
+    [torch.Tensor, BatchedDataDict, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, dict[str, Any]],
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_REFERENCE_DIR = "reference"  # sub-directory of a weights checkpoint holding a synced reference
+_SCHEDULER_FILE = "scheduler.pt"
+
+
+class LogprobModel(nn.Module):
+    """A causal LM whose forward returns next-token log-probs instead of logits.
+
+    The log-probs are computed inside this module's forward so that the FSDP2 root (this module)
+    has its parameters, ``lm_head`` included, gathered while the chunked projection runs.
+
+    Args:
+        causal_lm: a Hugging Face ``*ForCausalLM`` model.
+        chunk_size: tokens whose full-vocabulary logits exist at once.
+    """
+
+    def __init__(self, causal_lm: PreTrainedModel, chunk_size: int) -> None:
+        super().__init__()
+        if causal_lm.get_output_embeddings().bias is not None:
+            raise ValueError(
+                f"{type(causal_lm).__name__}: an lm_head with a bias is not supported by the "
+                "chunked log-prob computation"
+            )
+        self.causal_lm = causal_lm
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, input_lengths: torch.Tensor) -> torch.Tensor:
+        """Args: input_ids ``[b, T]``, input_lengths ``[b]``. Returns: log-probs ``[b, T]``."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        attention_mask = (positions[None, :] < input_lengths[:, None]).long()  # (b, T)
+        hidden = self.causal_lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (b, T, H)
+        weight = self.causal_lm.get_output_embeddings().weight  # (V, H)
+        return chunked_next_token_logprobs(
+            hidden, weight, input_ids, input_lengths, self.chunk_size
+        )
+
+
+class FSDP2PolicyWorker:
+    """One policy worker: model shard, optimizer, scheduler and reference weights.
+
+    Args:
+        config: the ``policy`` section of the config.
+        tokenizer: the tokenizer, saved next to checkpoints and HF exports.
+        init_optimizer: build the optimizer and scheduler (False for a reference-only worker).
+        init_reference_model: keep a host-memory copy of the initial weights for reference
+            log-probs.
+        weights_path: a checkpoint written by ``save_checkpoint`` to resume the weights from.
+        optimizer_path: a checkpoint written by ``save_checkpoint`` to resume the optimizer and
+            scheduler from.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: PolicyConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        init_optimizer: bool = True,
+        init_reference_model: bool = True,
+        weights_path: str | None = None,
+        optimizer_path: str | None = None,
+    ) -> None:
+        self.cfg = config
+        self.tokenizer = tokenizer
+        self.device = _init_distributed()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if config["precision"] == "bfloat16" and self.device.type != "cuda":
+            raise ValueError("policy.precision: bfloat16 needs a GPU; use float32 on CPU")
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.hf_config = AutoConfig.from_pretrained(config["model_name"])
+        self.model = _build_sharded_model(config, self.hf_config, self.mesh, self.device)
+        self.reference = ReferenceWeights(self.model) if init_reference_model else None
+        self.optimizer, self.scheduler = None, None
+        if init_optimizer:
+            self.optimizer = _build_optimizer(self.model, config)
+            self.scheduler = _build_scheduler(self.optimizer, config["scheduler"])
+        if weights_path is not None:
+            self._load_weights(weights_path)
+        if optimizer_path is not None:
+            self._load_optimizer(optimizer_path)
+
+    # ----- log-probs -----
+
+    def get_logprobs(self, data: BatchedDataDict) -> BatchedDataDict:
+        """Next-token log-probs of this worker's shard with the current weights.
+
+        Args:
+            data: ``input_ids [N, T]`` and ``input_lengths [N]`` (N may differ between workers).
+
+        Returns:
+            ``{"logprobs": [N, T]}`` float32 on CPU, in the convention of docs/design.md.
+        """
+        return BatchedDataDict(
+            {"logprobs": self._inference_logprobs(data)}, group_size=data.group_size
+        )
+
+    def get_reference_policy_logprobs(self, data: BatchedDataDict) -> BatchedDataDict:
+        """Like ``get_logprobs`` but with the reference weights.
+
+        Returns:
+            ``{"reference_logprobs": [N, T]}`` float32 on CPU.
+        """
+        assert self.reference is not None, "built with init_reference_model=False"
+        with self.reference.in_model(self.model):
+            logprobs = self._inference_logprobs(data)
+        return BatchedDataDict({"reference_logprobs": logprobs}, group_size=data.group_size)
+
+    def _inference_logprobs(self, data: BatchedDataDict) -> torch.Tensor:
+        # FSDP2 forwards are collective, so every worker runs as many micro-batches as the
+        # worker with the most rows; the extra ones run on a dummy row and are dropped.
+        batch_size = self.cfg["logprob_batch_size"]
+        num_local = -(-data.size // batch_size)
+        num_steps = torch.tensor(num_local, device=self.device)
+        dist.all_reduce(num_steps, op=dist.ReduceOp.MAX)
+        micro_batches = iter(data.make_microbatch_iterator(batch_size))
+        self.model.eval()
+        outputs = []
+        with torch.no_grad():
+            for step in range(int(num_steps)):
+                if step < num_local:
+                    micro_batch = next(micro_batches).to(self.device)
+                    outputs.append(self._forward(micro_batch).cpu())
+                else:
+                    self._forward(_dummy_micro_batch(self.device))
+        _reshard_all(self.model)
+        seq_len = data["input_ids"].shape[1]
+        return torch.cat(outputs) if outputs else torch.zeros(0, seq_len)
+
+    def _forward(self, micro_batch: BatchedDataDict) -> torch.Tensor:
+        input_ids, input_lengths = micro_batch["input_ids"], micro_batch["input_lengths"]
+        if input_ids.shape[1] > self.cfg["max_total_sequence_length"]:
+            raise ValueError(
+                f"batch has sequence length {input_ids.shape[1]} > "
+                f"policy.max_total_sequence_length={self.cfg['max_total_sequence_length']}"
+            )
+        return self.model(input_ids, input_lengths)  # (b, T)
+
+    # ----- training -----
+
+    def train(
+        self,
+        data: BatchedDataDict,
+        loss_fn: LossFn,
+        eval_mode: bool = False,
+        gbs: int | None = None,
+        mbs: int | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on one global batch (or, in eval mode, only the loss).
+
+        Args:
+            data: this worker's shard of the global batch, ``gbs // world_size`` rows with the
+                keys of the preference batch (docs/design.md).
+            loss_fn: called per micro-batch as
+                ``loss_fn(logprobs, micro_batch, global_valid_seqs, global_valid_toks)``.
+            eval_mode: compute loss and metrics under no_grad; change nothing.
+            gbs: global batch size in rows; default ``policy.train_global_batch_size``.
+            mbs: micro-batch size in rows; default ``policy.train_micro_batch_size``.
+
+        Returns:
+            Metrics of the whole global batch, equal on every worker: ``loss`` and the loss
+            function's metrics (summed over micro-batches and workers), ``num_valid_seqs``,
+            ``num_valid_tokens``, ``global_num_tokens`` (non-padding tokens of valid rows) and,
+            when training, ``grad_norm`` (before clipping) and ``lr``.
+        """
+        gbs = self.cfg["train_global_batch_size"] if gbs is None else gbs
+        mbs = self.cfg["train_micro_batch_size"] if mbs is None else mbs
+        self._check_train_batch(data, gbs, mbs)
+        assert eval_mode or self.optimizer is not None, "built with init_optimizer=False"
+        data = data.to(self.device)
+        counts = self._global_counts(data)
+        self.model.train(not eval_mode)
+        sums: dict[str, torch.Tensor] = {}
+        with torch.set_grad_enabled(not eval_mode):
+            for micro_batch in data.make_microbatch_iterator(mbs):
+                logprobs = self._forward(micro_batch)  # (b, T)
+                loss, metrics = loss_fn(
+                    logprobs, micro_batch, counts["num_valid_seqs"], counts["num_valid_tokens"]
+                )
+                if not eval_mode:
+                    loss.backward()
+                for key, value in {"loss": loss, **metrics}.items():
+                    value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+                    sums[key] = sums.get(key, 0.0) + value
+        results = _all_reduce_sum(sums, self.device)
+        if eval_mode:
+            _reshard_all(self.model)
+        else:
+            results |= self._optimizer_step()
+        return results | {key: float(value) for key, value in counts.items()}
+
+    def _check_train_batch(self, data: BatchedDataDict, gbs: int, mbs: int) -> None:
+        rows_per_worker = gbs // self.world_size
+        if gbs % (self.world_size * data.group_size) != 0 or data.size != rows_per_worker:
+            raise ValueError(
+                f"train: global batch size {gbs} rows must split into {self.world_size} equal "
+                f"shards of whole groups (group_size={data.group_size}), and this worker's "
+                f"shard has {data.size} rows (expected {rows_per_worker})"
+            )
+        if mbs % data.group_size != 0 or rows_per_worker % mbs != 0:
+            raise ValueError(
+                f"train: micro-batch size {mbs} rows must be a multiple of group_size="
+                f"{data.group_size} and divide the {rows_per_worker} rows per worker"
+            )
+
+    def _global_counts(self, data: BatchedDataDict) -> dict[str, torch.Tensor]:
+        """Valid sequences, valid response tokens and non-padding tokens of the global batch."""
+        sample_mask = data["sample_mask"].float()  # (n,)
+        local = torch.stack(
+            [
+                sample_mask.sum(),
+                (data["token_mask"].float() * sample_mask[:, None]).sum(),
+                (data["input_lengths"].float() * sample_mask).sum(),
+            ]
+        )
+        dist.all_reduce(local)
+        names = ["num_valid_seqs", "num_valid_tokens", "global_num_tokens"]
+        return dict(zip(names, local.unbind(), strict=True))
+
+    def _optimizer_step(self) -> dict[str, float]:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()  # sharded grads give a partial norm
+        if self.cfg["max_grad_norm"] is not None:
+            torch.nn.utils.clip_grads_with_norm_(
+                params, self.cfg["max_grad_norm"], grad_norm, foreach=True
+            )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "lr": float(lr)}
+
+    # ----- reference model -----
+
+    def update_reference_model(self, mixup_alpha: float) -> None:
+        """TR-DPO sync: ``reference <- mixup_alpha * policy + (1 - mixup_alpha) * reference``.
+
+        Args:
+            mixup_alpha: weight of the current policy, in ``[0, 1]``.
+        """
+        if not 0.0 <= mixup_alpha <= 1.0:
+            raise ValueError(
+                f"update_reference_model: mixup_alpha must be in [0, 1], got {mixup_alpha}"
+            )
+        assert self.reference is not None, "built with init_reference_model=False"
+        self.reference.mix_in(self.model, mixup_alpha)
+
+    # ----- memory placement -----
+
+    def prepare_for_training(self) -> None:
+        """Bring the optimizer state back to the accelerator before ``train``."""
+        self._move_optimizer_state(self._optimizer_device())
+
+    def prepare_for_lp_inference(self) -> None:
+        """Move the optimizer state to host memory to leave room for large log-prob batches."""
+        self._move_optimizer_state(torch.device("cpu"))
+
+    def _optimizer_device(self) -> torch.device:
+        return torch.device("cpu") if self.cfg["fsdp"]["cpu_offload"] else self.device
+
+    def _move_optimizer_state(self, device: torch.device) -> None:
+        if self.optimizer is None:
+            return
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    state[key] = value.to(device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def shutdown(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ----- checkpoints -----
+
+    def save_checkpoint(
+        self,
+        weights_path: str,
+        optimizer_path: str | None = None,
+        tokenizer_path: str | None = None,
+    ) -> None:
+        """Save a sharded checkpoint, loadable by any number of workers.
+
+        Args:
+            weights_path: directory for the policy weights (torch.distributed.checkpoint), plus
+                a ``reference/`` sub-directory once ``update_reference_model`` has moved the
+                reference away from the initial weights.
+            optimizer_path: directory for the optimizer state and the scheduler.
+            tokenizer_path: directory for the tokenizer (``save_pretrained``).
+        """
+        dcp.save({"model": get_model_state_dict(self.model.causal_lm)}, checkpoint_id=weights_path)
+        if self.reference is not None and self.reference.synced:
+            with self.reference.in_model(self.model):
+                reference_path = os.path.join(weights_path, _REFERENCE_DIR)
+                dcp.save(
+                    {"model": get_model_state_dict(self.model.causal_lm)},
+                    checkpoint_id=reference_path,
+                )
+        if optimizer_path is not None:
+            assert self.optimizer is not None, "built with init_optimizer=False"
+            state = get_optimizer_state_dict(self.model.causal_lm, self.optimizer)
+            dcp.save({"optimizer": state}, checkpoint_id=optimizer_path)
+            if self.rank == 0:
+                torch.save(
+                    self.scheduler.state_dict(), os.path.join(optimizer_path, _SCHEDULER_FILE)
+                )
+        if tokenizer_path is not None and self.rank == 0:
+            self.tokenizer.save_pretrained(tokenizer_path)
+        dist.barrier()
+
+    def _load_weights(self, weights_path: str) -> None:
+        _load_model_checkpoint(self.model.causal_lm, weights_path)
+        reference_path = os.path.join(weights_path, _REFERENCE_DIR)
+        if self.reference is not None and os.path.isdir(reference_path):
+            self.reference.load(self.model, reference_path)
+
+    def _load_optimizer(self, optimizer_path: str) -> None:
+        assert self.optimizer is not None, "optimizer_path given with init_optimizer=False"
+        state = get_optimizer_state_dict(self.model.causal_lm, self.optimizer)
+        dcp.load({"optimizer": state}, checkpoint_id=optimizer_path)
+        set_optimizer_state_dict(self.model.causal_lm, self.optimizer, state)
+        scheduler_state = torch.load(
+            os.path.join(optimizer_path, _SCHEDULER_FILE), weights_only=False
+        )
+        self.scheduler.load_state_dict(scheduler_state)
+
+    def export_hf(self, path: str) -> None:
+        """Write a Hugging Face model directory: config, one safetensors file, tokenizer.
+
+        ``AutoModelForCausalLM.from_pretrained(path)`` loads it. The weights are in the
+        compute dtype (``policy.precision``); tied weights are stored once.
+
+        Args:
+            path: output directory (rank 0 writes it).
+        """
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model.causal_lm, options=options)  # empty off rank 0
+        if self.rank == 0:
+            os.makedirs(path, exist_ok=True)
+            dtype = _DTYPES[self.cfg["precision"]]
+            export_config = copy.deepcopy(self.hf_config)
+            export_config.dtype = dtype
+            export_config.save_pretrained(path)
+            save_file(
+                _dedupe_tied(state, dtype),
+                os.path.join(path, "model.safetensors"),
+                metadata={"format": "pt"},
+            )
+            self.tokenizer.save_pretrained(path)
+        dist.barrier()
+
+
+class ReferenceWeights:
+    """The reference policy's weights: a host-memory copy of this worker's parameter shards.
+
+    Costs ``4 * num_params / world_size`` bytes of host memory per worker for the copy, plus as
+    much again for a staging buffer that holds the policy's shards while the reference ones are
+    swapped in. Both are allocated once (pinned on GPU machines) and reused on every call.
+
+    Args:
+        model: the sharded model, holding the weights the reference starts from.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        pin = torch.cuda.is_available()
+        shards = _local_shards(model)
+        self.weights = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in shards]
+        self.staging = [torch.empty_like(t) for t in self.weights]
+        self.synced = False  # True once the reference differs from the initial weights
+        with torch.no_grad():
+            for weight, shard in zip(self.weights, shards, strict=True):
+                weight.copy_(shard)
+
+    @contextmanager
+    def in_model(self, model: nn.Module) -> Iterator[None]:
+        """Swap the reference shards into ``model``'s parameters for the duration of the block."""
+        shards = _local_shards(model)
+        with torch.no_grad():
+            for shard, weight, staging in zip(shards, self.weights, self.staging, strict=True):
+                staging.copy_(shard)
+                shard.copy_(weight)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for shard, staging in zip(shards, self.staging, strict=True):
+                    shard.copy_(staging)
+
+    def mix_in(self, model: nn.Module, alpha: float) -> None:
+        """``reference <- alpha * policy + (1 - alpha) * reference``, shard by shard."""
+        with torch.no_grad():
+            shards = _local_shards(model)
+            for shard, weight, staging in zip(shards, self.weights, self.staging, strict=True):
+                staging.copy_(shard)
+                weight.mul_(1.0 - alpha).add_(staging, alpha=alpha)
+        self.synced = True
+
+    def load(self, model: nn.Module, path: str) -> None:
+        """Load reference weights saved by ``FSDP2PolicyWorker.save_checkpoint``."""
+        with self.in_model(model):
+            _load_model_checkpoint(model.causal_lm, path)
+            with torch.no_grad():
+                for weight, shard in zip(self.weights, _local_shards(model), strict=True):
+                    weight.copy_(shard)
+        self.synced = True
+
+
+def _init_distributed() -> torch.device:
+    """Join (or, for a single process, create) the process group; return this worker's device."""
+    if torch.cuda.is_available():
+        # A Ray actor sees only its own GPU; torchrun shows every GPU of the node.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.device_count() > 1 else 0
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"  # gloo too, for host-memory tensors (CPU offload)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if dist.is_initialized():
+        return device
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(
+            backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+        )
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return device
+
+
+def _build_sharded_model(
+    cfg: PolicyConfig, hf_config: PretrainedConfig, mesh: DeviceMesh, device: torch.device
+) -> LogprobModel:
+    """Build the model on the meta device, shard it with FSDP2, then fill it from rank 0.
+
+    No worker but rank 0 ever holds the full weights: rank 0 loads (or randomly initialises,
+    with ``cfg["seed"]``) a full copy in host memory and broadcasts it shard by shard, so the
+    weights do not depend on the number of workers.
+    """
+    train_config = _without_dropout(hf_config)
+    with torch.device("meta"):
+        causal_lm = AutoModelForCausalLM.from_config(train_config, dtype=torch.float32)
+    if cfg["fsdp"]["activation_checkpointing"]:
+        causal_lm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    model = LogprobModel(causal_lm, cfg["logprob_chunk_size"])
+    _apply_fsdp2(model, cfg, mesh)
+    model.to_empty(device="cpu" if cfg["fsdp"]["cpu_offload"] else device)
+    full = _initial_model_on_rank0(cfg, train_config)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(causal_lm, full.state_dict() if full is not None else {}, options=options)
+    _broadcast_buffers(causal_lm, full, device)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _without_dropout(hf_config: PretrainedConfig) -> PretrainedConfig:
+    # DPO practice: dropout would make the policy's and the reference's log-probs noisy.
+    config = copy.deepcopy(hf_config)
+    for key, value in config.to_dict().items():
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def _apply_fsdp2(model: LogprobModel, cfg: PolicyConfig, mesh: DeviceMesh) -> None:
+    """``fully_shard`` every decoder layer, then the root; gradients are summed over workers."""
+    layer_classes = set(model.causal_lm._no_split_modules or [])
+    if not layer_classes:
+        raise ValueError(f"{type(model.causal_lm).__name__} names no decoder layer class to shard")
+    if cfg["precision"] == "bfloat16":
+        # bf16 compute, fp32 master weights (the sharded parameters) and fp32 reductions.
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp_policy = MixedPrecisionPolicy()
+    offload_policy = CPUOffloadPolicy() if cfg["fsdp"]["cpu_offload"] else OffloadPolicy()
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy, "offload_policy": offload_policy}
+    for module in model.causal_lm.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(
+                module, reshard_after_forward=cfg["fsdp"]["reshard_after_forward"], **kwargs
+            )
+    fully_shard(model, **kwargs)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # The loss is already divided by global counts: sum the gradients, do not average.
+            # A plain SUM (not NCCL's PREMUL_SUM) is what gloo supports.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def _initial_model_on_rank0(
+    cfg: PolicyConfig, train_config: PretrainedConfig
+) -> PreTrainedModel | None:
+    """The full initial model in host memory on rank 0 (None elsewhere); errors reach all ranks."""
+    model, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            model = _load_initial_model(cfg, train_config)
+        except (OSError, ValueError) as exc:
+            error = str(exc)
+    errors = [error]
+    dist.broadcast_object_list(errors, src=0)
+    if errors[0] is not None:
+        raise ValueError(f"policy.model_name={cfg['model_name']!r}: {errors[0]}")
+    return model
+
+
+def _load_initial_model(cfg: PolicyConfig, train_config: PretrainedConfig) -> PreTrainedModel:
+    if cfg["random_init"]:
+        torch.manual_seed(cfg["seed"])
+        return AutoModelForCausalLM.from_config(train_config, dtype=torch.float32)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg["model_name"], config=train_config, dtype=torch.float32
+        )
+    except OSError as exc:
+        raise ValueError(
+            f"no weights could be loaded ({exc}); set policy.random_init: true to start from "
+            "random weights seeded by policy.seed"
+        ) from exc
+
+
+def _broadcast_buffers(
+    causal_lm: PreTrainedModel, full: PreTrainedModel | None, device: torch.device
+) -> None:
+    # Buffers left out of the state dict (e.g. rotary inv_freq) are still empty after
+    # to_empty(): copy rank 0's values to every worker.
+    full_buffers = dict(full.named_buffers()) if full is not None else {}
+    for module_name, module in causal_lm.named_modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            fqn = f"{module_name}.{name}" if module_name else name
+            value = torch.empty_like(buffer, device=device)
+            if dist.get_rank() == 0:
+                value.copy_(full_buffers[fqn])
+            dist.broadcast(value, src=0)
+            setattr(module, name, value)
+
+
+def _build_optimizer(model: nn.Module, cfg: PolicyConfig) -> torch.optim.Optimizer:
+    optimizer_cls = _import_class(cfg["optimizer"]["name"], "policy.optimizer.name")
+    return optimizer_cls(model.parameters(), **cfg["optimizer"]["kwargs"])
+
+
+def _build_scheduler(
+    optimizer: torch.optim.Optimizer, entries: list[SchedulerConfig]
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """One scheduler, or several chained with ``SequentialLR`` at the listed milestones."""
+    schedulers = [
+        _import_class(entry["name"], f"policy.scheduler[{idx}].name")(optimizer, **entry["kwargs"])
+        for idx, entry in enumerate(entries)
+        if "name" in entry
+    ]
+    milestones = [entry["milestones"] for entry in entries if "milestones" in entry]
+    if len(schedulers) == 1 and not milestones:
+        return schedulers[0]
+    if not schedulers or len(milestones) != 1 or len(milestones[0]) != len(schedulers) - 1:
+        raise ValueError(
+            f"policy.scheduler: expected one or more {{name, kwargs}} entries and, with more "
+            f"than one, a last {{milestones: [...]}} entry with one step per switch; got {entries}"
+        )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones[0])
+
+
+def _import_class(path: str, key: str) -> type:
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(
+            f"{key}: cannot import {path!r} (expected e.g. 'torch.optim.AdamW')"
+        ) from exc
+
+
+def _load_model_checkpoint(causal_lm: PreTrainedModel, path: str) -> None:
+    state = get_model_state_dict(causal_lm)
+    dcp.load({"model": state}, checkpoint_id=path)
+    set_model_state_dict(causal_lm, state)
+
+
+def _local_shards(model: nn.Module) -> list[torch.Tensor]:
+    """This worker's shard of every parameter (views: writing them writes the parameters)."""
+    _reshard_all(model)  # so that the next forward gathers whatever is written here
+    return [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+
+
+def _reshard_all(model: nn.Module) -> None:
+    # A no-grad forward leaves the root's gathered weights in place (FSDP2 keeps the root
+    # unsharded after forward); free them so that in-place writes to the shards are seen.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _dummy_micro_batch(device: torch.device) -> BatchedDataDict:
+    return BatchedDataDict(
+        {
+            "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+            "input_lengths": torch.full((1,), 2, dtype=torch.long, device=device),
+        }
+    )
+
+
+def _all_reduce_sum(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    keys = sorted(values)  # the same order on every worker
+    if not keys:
+        return {}
+    stacked = torch.stack([values[key] for key in keys]).to(device)
+    dist.all_reduce(stacked)
+    return {key: float(value) for key, value in zip(keys, stacked.tolist(), strict=True)}
+
+
+def _dedupe_tied(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    # Tied weights (e.g. lm_head and embed_tokens) share storage, which safetensors refuses;
+    # keep the first name, from_pretrained ties the other one again.
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor.to(dtype).contiguous()
+    return out

@@ -1,0 +1,263 @@
+"""The plain FSDP2 policy worker in this process (world size 1, gloo), without Ray."""
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
+from tests.unit.policy_testing import (
+    make_batch,
+    make_config,
+    make_tokenizer,
+    naive_logprobs,
+    save_tiny_llama,
+    sequence_margin_loss,
+    token_nll_loss,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    return path, save_tiny_llama(path)
+
+
+@pytest.fixture
+def worker(tiny) -> Iterator[FSDP2PolicyWorker]:
+    worker = FSDP2PolicyWorker(config=make_config(tiny[0]), tokenizer=make_tokenizer())
+    yield worker
+    worker.shutdown()
+
+
+def _parameters(worker: FSDP2PolicyWorker) -> dict[str, torch.Tensor]:
+    return {
+        name: param.full_tensor().detach().clone()
+        for name, param in worker.model.causal_lm.named_parameters()
+    }
+
+
+def test_logprobs_match_the_hf_model(tiny, worker):
+    path, hf_model = tiny
+    data = make_batch(seed=1, num_pairs=3)
+
+    logprobs = worker.get_logprobs(data)["logprobs"]
+    reference = worker.get_reference_policy_logprobs(data)["reference_logprobs"]
+
+    expected = naive_logprobs(hf_model, data)
+    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
+
+
+def test_train_step_changes_weights_and_reports_global_metrics(worker):
+    data = make_batch(seed=2)
+    before = _parameters(worker)
+
+    metrics = worker.train(data, token_nll_loss)
+
+    mask = data["token_mask"] * data["sample_mask"][:, None]
+    assert metrics["num_valid_seqs"] == 6.0
+    assert metrics["num_valid_tokens"] == mask.sum().item()
+    assert metrics["num_tokens"] == mask.sum().item()  # the loss's own metric, summed
+    assert metrics["global_num_tokens"] == (data["input_lengths"] * data["sample_mask"]).sum()
+    assert metrics["loss"] == pytest.approx(metrics["nll"])
+    assert metrics["grad_norm"] > 0 and metrics["lr"] == pytest.approx(1e-2)
+    after = _parameters(worker)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_eval_mode_changes_no_parameter(worker):
+    data = make_batch(seed=3)
+    before = _parameters(worker)
+
+    metrics = worker.train(data, sequence_margin_loss, eval_mode=True)
+
+    assert set(metrics) >= {"loss", "accuracy", "num_valid_seqs"}
+    assert "grad_norm" not in metrics
+    after = _parameters(worker)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert all(param.grad is None for param in worker.model.parameters())
+
+
+def test_reference_stays_initial_and_mixes_in_the_policy(tiny, worker):
+    data = make_batch(seed=4)
+    initial = naive_logprobs(tiny[1], data)
+    for _ in range(3):
+        worker.train(data, token_nll_loss)
+    assert worker.reference is not None and not worker.reference.synced
+    torch.testing.assert_close(
+        worker.get_reference_policy_logprobs(data)["reference_logprobs"], initial, atol=1e-5, rtol=0
+    )
+
+    worker.update_reference_model(mixup_alpha=1.0)
+
+    policy = worker.get_logprobs(data)["logprobs"]
+    assert not torch.allclose(policy, initial, atol=1e-3)
+    torch.testing.assert_close(
+        worker.get_reference_policy_logprobs(data)["reference_logprobs"], policy, atol=1e-6, rtol=0
+    )
+
+
+def test_synced_reference_survives_save_and_resume(tiny, worker, tmp_path):
+    data = make_batch(seed=5)
+    worker.train(data, token_nll_loss)
+    worker.update_reference_model(mixup_alpha=0.5)
+    worker.train(data, token_nll_loss)
+    policy = worker.get_logprobs(data)["logprobs"]
+    reference = worker.get_reference_policy_logprobs(data)["reference_logprobs"]
+    worker.save_checkpoint(str(tmp_path / "weights"), str(tmp_path / "optimizer"))
+
+    resumed = FSDP2PolicyWorker(
+        config=make_config(tiny[0]),
+        tokenizer=make_tokenizer(),
+        weights_path=str(tmp_path / "weights"),
+        optimizer_path=str(tmp_path / "optimizer"),
+    )
+
+    assert resumed.reference.synced
+    torch.testing.assert_close(resumed.get_logprobs(data)["logprobs"], policy, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        resumed.get_reference_policy_logprobs(data)["reference_logprobs"],
+        reference,
+        atol=1e-6,
+        rtol=0,
+    )
+    # The optimizer resumed too: one more step is the same step in both workers.
+    worker.train(data, token_nll_loss)
+    resumed.train(data, token_nll_loss)
+    torch.testing.assert_close(_parameters(resumed), _parameters(worker), atol=1e-6, rtol=0)
+
+
+def test_hf_export_loads_with_transformers_and_gives_the_same_logprobs(worker, tmp_path):
+    data = make_batch(seed=6)
+    worker.train(data, token_nll_loss)
+    expected = worker.get_logprobs(data)["logprobs"]
+
+    worker.export_hf(str(tmp_path / "hf"))
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(naive_logprobs(exported, data), expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_tied_embeddings_train_and_export(tmp_path):
+    hf_model = save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    worker = FSDP2PolicyWorker(config=make_config(tmp_path / "tied"), tokenizer=make_tokenizer())
+    data = make_batch(seed=7)
+    torch.testing.assert_close(
+        worker.get_logprobs(data)["logprobs"], naive_logprobs(hf_model, data), atol=1e-5, rtol=0
+    )
+    worker.train(data, token_nll_loss)
+    worker.export_hf(str(tmp_path / "hf"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(
+        naive_logprobs(exported, data), worker.get_logprobs(data)["logprobs"], atol=1e-5, rtol=0
+    )
+    worker.shutdown()
+
+
+def test_random_init_is_seeded_and_missing_weights_are_an_error(tmp_path):
+    save_tiny_llama(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").unlink()  # config only
+    config = make_config(tmp_path / "model")
+    with pytest.raises(ValueError, match="random_init"):
+        FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
+
+    config["random_init"] = True
+    first = _parameters(FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer()))
+    second_worker = FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
+    for name, value in _parameters(second_worker).items():
+        assert torch.equal(value, first[name]), name
+    second_worker.shutdown()
+
+
+def test_warmup_then_constant_schedule(tiny):
+    scheduler = [
+        {
+            "name": "torch.optim.lr_scheduler.LinearLR",
+            "kwargs": {"start_factor": 0.25, "end_factor": 1.0, "total_iters": 2},
+        },
+        {"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {"factor": 1.0}},
+        {"milestones": [2]},
+    ]
+    worker = FSDP2PolicyWorker(
+        config=make_config(tiny[0], scheduler=scheduler), tokenizer=make_tokenizer()
+    )
+    data = make_batch(seed=8)
+    lrs = [worker.train(data, token_nll_loss)["lr"] for _ in range(4)]
+    assert lrs == pytest.approx([2.5e-3, 6.25e-3, 1e-2, 1e-2])
+    worker.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"precision": "bfloat16"}, "bfloat16 needs a GPU"),
+        ({"optimizer": {"name": "torch.optim.NoSuchOpt", "kwargs": {}}}, "policy.optimizer.name"),
+        (
+            {
+                "scheduler": [
+                    {"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {}},
+                    {"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {}},
+                ]
+            },
+            "milestones",
+        ),
+    ],
+)
+def test_config_mistakes_are_value_errors(tiny, overrides, message):
+    if "precision" in overrides and torch.cuda.is_available():
+        pytest.skip("bfloat16 is valid on a GPU machine")
+    with pytest.raises(ValueError, match=message):
+        FSDP2PolicyWorker(config=make_config(tiny[0], **overrides), tokenizer=make_tokenizer())
+
+
+def test_batch_size_mistakes_are_value_errors(worker):
+    data = make_batch(seed=9)
+    with pytest.raises(ValueError, match="global batch size 6"):
+        worker.train(data, token_nll_loss, gbs=6)
+    with pytest.raises(ValueError, match="micro-batch size 3"):
+        worker.train(data, token_nll_loss, mbs=3)
+
+
+def test_activation_checkpointing_gives_the_same_step(tiny):
+    data = make_batch(seed=10)
+    results = []
+    for checkpointing in (False, True):
+        fsdp = {
+            "activation_checkpointing": checkpointing,
+            "cpu_offload": False,
+            "reshard_after_forward": True,
+        }
+        worker = FSDP2PolicyWorker(
+            config=make_config(tiny[0], fsdp=fsdp), tokenizer=make_tokenizer()
+        )
+        assert worker.model.causal_lm.is_activation_checkpointing == checkpointing
+        worker.train(data, token_nll_loss)
+        results.append(_parameters(worker))
+        worker.shutdown()
+    torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_nccl_worker_on_gpu(tiny, tmp_path):
+    path, hf_model = tiny
+    worker = FSDP2PolicyWorker(
+        config=make_config(path, precision="bfloat16"), tokenizer=make_tokenizer()
+    )
+    assert torch.distributed.get_backend() == "cpu:gloo,cuda:nccl"
+    data = make_batch(seed=11)
+    logprobs = worker.get_logprobs(data)["logprobs"]
+    torch.testing.assert_close(logprobs, naive_logprobs(hf_model, data), atol=0.1, rtol=0)
+    metrics = worker.train(data, token_nll_loss)
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
+    worker.prepare_for_lp_inference()
+    worker.get_reference_policy_logprobs(data)
+    worker.prepare_for_training()
+    worker.train(data, token_nll_loss)
+    worker.export_hf(str(tmp_path / "hf"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.dtype == torch.bfloat16
+    worker.shutdown()
