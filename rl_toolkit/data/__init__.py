@@ -1,12 +1,12 @@
 """Preference data: config, datasets, tokenisation, pair-aware collate, resumable loader."""
 
 from rl_toolkit.data.collate import pad_batch_to, preference_collate_fn
-from rl_toolkit.data.dataloader import build_preference_dataloader
+from rl_toolkit.data.dataloader import build_dataloader
 from rl_toolkit.data.datasets import (
     DATASET_BUILDERS,
     PreferencePairDataset,
     load_preference_dataset,
-    tokenize_splits,
+    tokenize_preference_dataset,
 )
 from rl_toolkit.data.interfaces import DataConfig, PreferenceDataset, TaskDataSpec
 from rl_toolkit.data.rows import PreferenceDataError
@@ -18,9 +18,9 @@ __all__ = [
     "PreferenceDataset",
     "PreferencePairDataset",
     "TaskDataSpec",
-    "build_preference_dataloader",
+    "build_dataloader",
     "load_preference_dataset",
     "pad_batch_to",
     "preference_collate_fn",
-    "tokenize_splits",
+    "tokenize_preference_dataset",
 ]

@@ -6,9 +6,11 @@ from typing import Any
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import PreTrainedTokenizerBase
 
 from rl_toolkit.data.collate import preference_collate_fn
 from rl_toolkit.data.datasets import PreferencePairDataset
+from rl_toolkit.data.interfaces import DataConfig
 
 
 class SeededShuffleSampler(torch.utils.data.Sampler[int]):
@@ -78,48 +80,49 @@ class _ShuffleIterator(Iterator[int]):
             self.num_taken = state_dict["num_taken"]
 
 
-def build_preference_dataloader(
+def build_dataloader(
     dataset: PreferencePairDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    data_config: DataConfig,
     *,
-    batch_size: int,
+    num_pairs: int,
     shuffle: bool,
     seed: int,
-    num_workers: int,
-    pad_token_id: int,
-    pad_to_multiple_of: int,
     drop_last: bool,
 ) -> StatefulDataLoader:
     """A StatefulDataLoader of preference batches (see preference_collate_fn for the keys).
 
     The shuffle order depends only on `seed` and the epoch (SeededShuffleSampler), not on
-    num_workers, and the global torch RNG is not touched. `state_dict()` taken mid-epoch and
-    loaded into a loader built with the same arguments continues with exactly the next batch.
+    data.num_workers, and the global torch RNG is not touched. `state_dict()` taken mid-epoch
+    and loaded into a loader built with the same arguments continues with exactly the next
+    batch.
 
     Args:
         dataset: the tokenised pairs.
-        batch_size: pairs per batch (a batch has 2 * batch_size rows).
-        shuffle: reshuffle every epoch (training); False keeps dataset order (validation).
+        tokenizer: gives pad_token_id, which right-pads input_ids.
+        data_config: the `data` section (num_workers, pad_to_multiple_of).
+        num_pairs: pairs per batch (a batch has 2 * num_pairs rows).
+        shuffle: reshuffle every epoch (training: data.shuffle); False keeps dataset order.
         seed: seeds the shuffle (dpo.seed).
-        num_workers: worker processes for collation (data.num_workers).
-        pad_token_id: the tokenizer's pad token id.
-        pad_to_multiple_of: round T up to a multiple of this (data.pad_to_multiple_of).
         drop_last: drop the last partial batch (training); validation keeps it and pads it
             with pad_batch_to.
 
     Returns:
         The dataloader.
     """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set one (e.g. the EOS token)")
     return StatefulDataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=num_pairs,
         sampler=SeededShuffleSampler(len(dataset), seed) if shuffle else None,
         # worker seeds are drawn from this generator rather than the global RNG
         generator=torch.Generator().manual_seed(seed),
-        num_workers=num_workers,
+        num_workers=data_config["num_workers"],
         drop_last=drop_last,
         collate_fn=partial(
             preference_collate_fn,
-            pad_token_id=pad_token_id,
-            pad_to_multiple_of=pad_to_multiple_of,
+            pad_token_id=tokenizer.pad_token_id,
+            pad_to_multiple_of=data_config["pad_to_multiple_of"],
         ),
     )

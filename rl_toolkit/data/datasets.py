@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rl_toolkit.data.hf_datasets import BinaryPreferenceDataset, DPODataset, HelpSteer3Dataset
-from rl_toolkit.data.interfaces import DataConfig, PreferenceDataset, require_key
+from rl_toolkit.data.interfaces import DataConfig, PreferenceDataset, TaskDataSpec, require_key
 from rl_toolkit.data.rows import ROW_KEYS, load_pairs_from_records
 from rl_toolkit.data.tokenization import OVERLONG_POLICIES, fit_prompt, tokenize_pair
 
@@ -91,6 +91,7 @@ def _check_user_dataset(dataset: Any, name: str) -> None:
         load_pairs_from_records(
             records,
             f"{name}[{split}]",
+            split=split,
             prompt_key="prompt",
             chosen_key="chosen_response",
             rejected_key="rejected_response",
@@ -211,20 +212,31 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         return self.items[index]
 
 
-def tokenize_splits(
-    dataset: PreferenceDataset,
+def tokenize_preference_dataset(
+    rows: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
+    task_spec: TaskDataSpec,
     data_config: DataConfig,
+    *,
     max_total_sequence_length: int,
-) -> tuple[PreferencePairDataset, PreferencePairDataset]:
-    """The train and validation PreferencePairDatasets of a loaded preference dataset."""
-    return tuple(
-        PreferencePairDataset(
-            dataset.formatted_ds[split],
-            tokenizer,
-            max_total_sequence_length=max_total_sequence_length,
-            overlong_policy=data_config["overlong_policy"],
-            source=f"{dataset.task_spec['task_name']}[{split}]",
-        )
-        for split in ("train", "validation")
+) -> PreferencePairDataset:
+    """Tokenise one formatted split (e.g. `dataset.formatted_ds["train"]`) for the loader.
+
+    Args:
+        rows: the formatted split (prompt, chosen_response, rejected_response).
+        tokenizer: the policy's tokenizer.
+        task_spec: the dataset's task spec; its name (and the split's name) label logs/errors.
+        data_config: the `data` section (overlong_policy).
+        max_total_sequence_length: policy.max_total_sequence_length.
+
+    Returns:
+        The tokenised PreferencePairDataset.
+    """
+    source = task_spec["task_name"] + (f"[{rows.split}]" if rows.split else "")
+    return PreferencePairDataset(
+        rows,
+        tokenizer,
+        max_total_sequence_length=max_total_sequence_length,
+        overlong_policy=data_config["overlong_policy"],
+        source=source,
     )

@@ -179,7 +179,7 @@ def extract_pair(
 
 
 def rows_to_dataset(
-    rows: list[dict[str, Text]], row_numbers: list[int], source: str
+    rows: list[dict[str, Text]], row_numbers: list[int], source: str, split: str
 ) -> datasets.Dataset:
     """Build a datasets.Dataset from checked rows, after checking each column has one kind.
 
@@ -198,18 +198,25 @@ def rows_to_dataset(
                     f"{source}, row {number}: {key!r} is {kinds[first_is_text]} but the first "
                     f"row's is {kinds[not first_is_text]}; a column must use one kind"
                 )
-    return datasets.Dataset.from_list(rows)
+    return datasets.Dataset.from_list(rows, split=split)
 
 
 def load_pairs_from_records(
     records: list[tuple[int, Any]],
     source: str,
     *,
+    split: str,
     prompt_key: str | None,
     chosen_key: str,
     rejected_key: str,
 ) -> datasets.Dataset:
     """Check raw `(row_number, record)` tuples and build the formatted dataset.
+
+    Args:
+        records: raw rows with their 1-based row numbers.
+        source: names the file (or hub split) in error messages.
+        split: "train" or "validation", recorded as the dataset's split.
+        prompt_key, chosen_key, rejected_key: as for extract_pair.
 
     Returns:
         A datasets.Dataset with columns prompt, chosen_response, rejected_response.
@@ -226,4 +233,4 @@ def load_pairs_from_records(
         )
         for number, record in records
     ]
-    return rows_to_dataset(rows, [number for number, _ in records], source)
+    return rows_to_dataset(rows, [number for number, _ in records], source, split)

@@ -1,15 +1,23 @@
 """Tests for the pair-aware collate, pad_batch_to and the resumable StatefulDataLoader."""
 
+import json
+import math
+from types import SimpleNamespace
+
 import datasets
 import pytest
 import torch
 
+from rl_toolkit.algorithms.loss_functions import DPOLossFn
 from rl_toolkit.data import (
     PreferencePairDataset,
-    build_preference_dataloader,
+    build_dataloader,
     pad_batch_to,
     preference_collate_fn,
+    tokenize_preference_dataset,
 )
+from rl_toolkit.data.hf_datasets import DPODataset
+from tests.unit.test_data_tokenization import make_tokenizer
 
 PAD = 0
 
@@ -91,18 +99,12 @@ def make_dataset(num_pairs: int) -> PreferencePairDataset:
     )
 
 
-def loader(dataset: PreferencePairDataset, num_workers: int, batch_size: int = 3, **kwargs):
+def loader(dataset: PreferencePairDataset, num_workers: int, **kwargs):
     args = {"shuffle": True, "drop_last": True}
     args.update(kwargs)
-    return build_preference_dataloader(
-        dataset,
-        batch_size=batch_size,
-        seed=1234,
-        num_workers=num_workers,
-        pad_token_id=PAD,
-        pad_to_multiple_of=8,
-        **args,
-    )
+    tokenizer = SimpleNamespace(pad_token_id=PAD)
+    data_config = {"num_workers": num_workers, "pad_to_multiple_of": 8}
+    return build_dataloader(dataset, tokenizer, data_config, num_pairs=3, seed=1234, **args)
 
 
 def pair_ids(batches) -> list[list[int]]:
@@ -149,3 +151,45 @@ def test_validation_loader_keeps_the_partial_last_batch() -> None:
     padded = pad_batch_to(batches[-1], 3)
     assert padded["sample_mask"].sum() == 2
     assert all(batch["input_ids"].shape[1] % 8 == 0 for batch in batches)
+
+
+def test_file_to_loss_pipeline(tmp_path) -> None:
+    """jsonl -> DPODataset -> tokenised pairs -> loader batch -> DPOLossFn."""
+    rows = [
+        {"prompt": "what is two plus two", "chosen_response": "four", "rejected_response": "five"},
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen_response": "hello",
+         "rejected_response": "bye bye"},
+    ]  # fmt: skip
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps(rows[0]) + "\n")
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps(rows[1]) + "\n")
+    tokenizer = make_tokenizer()
+    data_config = {"overlong_policy": "drop", "num_workers": 0, "pad_to_multiple_of": 4}
+    dataset = DPODataset(str(train), str(val))
+    pairs = tokenize_preference_dataset(
+        dataset.formatted_ds["validation"],
+        tokenizer,
+        dataset.task_spec,
+        data_config,
+        max_total_sequence_length=64,
+    )
+    batch = next(iter(build_dataloader(pairs, tokenizer, data_config, num_pairs=1, shuffle=False,
+                                       seed=0, drop_last=False)))  # fmt: skip
+    # "<s> <|user|> hi <|end|> <|assistant|>" then "hello <|end|> </s>" / "bye bye <|end|> </s>"
+    assert batch["input_lengths"].tolist() == [8, 9]
+    assert batch["token_mask"].sum(-1).tolist() == [3.0, 4.0]
+    assert batch["input_ids"].shape == (2, 12)
+    batch = pad_batch_to(batch, 2)
+    # policy == reference: the sigmoid loss of the one valid pair is ln 2
+    logprobs = -torch.ones(batch["input_ids"].shape) * batch["token_mask"]
+    batch["reference_policy_logprobs"] = logprobs.clone()
+    cfg = {
+        "reference_policy_kl_penalty": 0.1, "preference_loss_weight": 1.0, "sft_loss_weight": 0.0,
+        "preference_average_log_probs": False, "sft_average_log_probs": False,
+        "loss_type": "sigmoid", "label_smoothing": 0.0, "reference_free": False,
+        "simpo_gamma": 0.0, "discopop_tau": 0.05,
+    }  # fmt: skip
+    loss, metrics = DPOLossFn(cfg)(logprobs, batch, batch["sample_mask"].sum(), torch.tensor(7.0))
+    assert loss.item() == pytest.approx(math.log(2))
+    assert metrics["num_valid_samples"] == 1

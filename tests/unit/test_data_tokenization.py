@@ -6,7 +6,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from rl_toolkit.data import PreferencePairDataset
+from rl_toolkit.data import PreferencePairDataset, tokenize_preference_dataset
+from rl_toolkit.data.hf_datasets import DPODataset
 from rl_toolkit.data.tokenization import fit_prompt, tokenize_pair
 
 WORDS = [
@@ -197,4 +198,31 @@ def test_pair_dataset_errors() -> None:
     with pytest.raises(ValueError, match="train: no pair fits in 2 tokens"):
         PreferencePairDataset(
             rows, tokenizer, max_total_sequence_length=2, overlong_policy="drop", source="train"
+        )
+
+
+def test_tokenize_preference_dataset_names_task_and_split(tmp_path) -> None:
+    path = tmp_path / "val.jsonl"
+    path.write_text('{"prompt": "hi", "chosen_response": "hello", "rejected_response": "bye"}\n')
+    dataset = DPODataset(str(path), str(path))
+    tokenizer = make_tokenizer()
+    data_config = {"overlong_policy": "drop"}
+    pairs = tokenize_preference_dataset(
+        dataset.formatted_ds["validation"],
+        tokenizer,
+        dataset.task_spec,
+        data_config,
+        max_total_sequence_length=32,
+    )
+    assert pairs[0]["chosen_input_ids"].tolist() == ids(
+        tokenizer, "<s> <|user|> hi <|end|> <|assistant|> hello <|end|> </s>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}<|end|>"
+    with pytest.raises(ValueError, match=r"dpo\[validation\], row 1: the chat template"):
+        tokenize_preference_dataset(
+            dataset.formatted_ds["validation"],
+            tokenizer,
+            dataset.task_spec,
+            data_config,
+            max_total_sequence_length=32,
         )

@@ -62,5 +62,5 @@ class BinaryPreferenceDataset:
             ("validation", val_data_path, val_split),
         ):
             records, source = read_source_records(path, split)
-            self.formatted_ds[name] = load_pairs_from_records(records, source, **keys)
+            self.formatted_ds[name] = load_pairs_from_records(records, source, split=name, **keys)
         self.task_spec = TaskDataSpec(task_name="binary_preference")

@@ -6,11 +6,12 @@ from rl_toolkit.data.interfaces import TaskDataSpec
 from rl_toolkit.data.rows import load_pairs_from_records, read_records
 
 
-def load_formatted_file(path: str) -> datasets.Dataset:
+def load_formatted_file(path: str, split: str) -> datasets.Dataset:
     """Read and check a file of rows with `prompt`, `chosen_response`, `rejected_response`.
 
     Args:
         path: a .jsonl / .json (one JSON object per line) or .parquet file.
+        split: "train" or "validation".
 
     Returns:
         The checked rows as a datasets.Dataset.
@@ -18,6 +19,7 @@ def load_formatted_file(path: str) -> datasets.Dataset:
     return load_pairs_from_records(
         read_records(path),
         path,
+        split=split,
         prompt_key="prompt",
         chosen_key="chosen_response",
         rejected_key="rejected_response",
@@ -38,7 +40,7 @@ class DPODataset:
 
     def __init__(self, train_data_path: str, val_data_path: str) -> None:
         self.formatted_ds = {
-            "train": load_formatted_file(train_data_path),
-            "validation": load_formatted_file(val_data_path),
+            "train": load_formatted_file(train_data_path, "train"),
+            "validation": load_formatted_file(val_data_path, "validation"),
         }
         self.task_spec = TaskDataSpec(task_name="dpo")

@@ -38,7 +38,9 @@ def format_helpsteer3(row: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def format_helpsteer3_split(rows: datasets.Dataset, source: str) -> tuple[datasets.Dataset, int]:
+def format_helpsteer3_split(
+    rows: datasets.Dataset, source: str, split: str
+) -> tuple[datasets.Dataset, int]:
     """Format and check a HelpSteer3 split; ties are dropped.
 
     Returns:
@@ -60,6 +62,7 @@ def format_helpsteer3_split(rows: datasets.Dataset, source: str) -> tuple[datase
     formatted = load_pairs_from_records(
         records,
         source,
+        split=split,
         prompt_key="prompt",
         chosen_key="chosen_response",
         rejected_key="rejected_response",
@@ -83,6 +86,6 @@ class HelpSteer3Dataset:
         for name in ("train", "validation"):
             source = f"{HUB_NAME}/{HUB_SUBSET}[{name}]"
             self.formatted_ds[name], self.num_ties[name] = format_helpsteer3_split(
-                hub[name], source
+                hub[name], source, name
             )
         self.task_spec = TaskDataSpec(task_name="HelpSteer3")
