@@ -260,7 +260,7 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
 }
 
 # Loss-specific config keys passed to the loss function as keyword arguments.
-LOSS_PARAM_KEYS: dict[str, tuple[str, ...]] = {
+LOSS_PARAM_KEYS: dict[str, tuple[str, ...]] = {name: () for name in PREFERENCE_LOSSES} | {
     "discopop": ("discopop_tau",),
     "simpo": ("simpo_gamma",),
 }
@@ -275,6 +275,17 @@ LABEL_SMOOTHING_LOW: dict[str, float] = {
     "simpo": 0.0,
     "exo_pair": 1e-12,
 }
+
+
+# Metrics that DPOLossFn reports as sums over valid pairs divided by the global pair count.
+PAIR_MEAN_METRICS = (
+    "accuracy",
+    "rewards_chosen_mean",
+    "rewards_rejected_mean",
+    "reward_margin_mean",
+    "logps_chosen_mean",
+    "logps_rejected_mean",
+)
 
 
 class DPOLossConfig(TypedDict):
@@ -388,7 +399,7 @@ class DPOLossFn:
         self.reference_free = cfg["reference_free"]
         self.label_smoothing = cfg["label_smoothing"]
         self.preference_loss = PREFERENCE_LOSSES[cfg["loss_type"]]
-        self.loss_params = {key: cfg[key] for key in LOSS_PARAM_KEYS.get(cfg["loss_type"], ())}
+        self.loss_params = {key: cfg[key] for key in LOSS_PARAM_KEYS[cfg["loss_type"]]}
 
     def __call__(
         self,
@@ -437,22 +448,23 @@ class DPOLossFn:
         sft_loss = -sft_logps.sum() / num_global_pairs
         loss = self.preference_loss_weight * preference_loss + self.sft_loss_weight * sft_loss
         with torch.no_grad():
-            rewards_chosen = self.beta * (pc - rc)
+            rewards_chosen = self.beta * (pc - rc)  # [valid pairs]
             rewards_rejected = self.beta * (pr - rr)
-            metrics = {
-                "loss": loss.item(),
-                "preference_loss": preference_loss.item(),
-                "sft_loss": sft_loss.item(),
-                "accuracy": ((rewards_chosen > rewards_rejected).sum() / num_global_pairs).item(),
-                "rewards_chosen_mean": (rewards_chosen.sum() / num_global_pairs).item(),
-                "rewards_rejected_mean": (rewards_rejected.sum() / num_global_pairs).item(),
-                "reward_margin_mean": (
-                    (rewards_chosen - rewards_rejected).sum() / num_global_pairs
-                ).item(),
-                "logps_chosen_mean": (pc.sum() / num_global_pairs).item(),
-                "logps_rejected_mean": (pr.sum() / num_global_pairs).item(),
-                "num_valid_samples": int(valid.sum().item()),
-            }
+            sums = torch.stack(
+                [
+                    (rewards_chosen > rewards_rejected).sum(),
+                    rewards_chosen.sum(),
+                    rewards_rejected.sum(),
+                    (rewards_chosen - rewards_rejected).sum(),
+                    pc.sum(),
+                    pr.sum(),
+                ]
+            )
+            means = (sums / num_global_pairs).tolist()  # one device sync for all metrics
+            losses = torch.stack([loss, preference_loss, sft_loss]).tolist()
+        metrics = dict(zip(("loss", "preference_loss", "sft_loss"), losses, strict=True))
+        metrics |= dict(zip(PAIR_MEAN_METRICS, means, strict=True))
+        metrics["num_valid_samples"] = int(valid.sum().item())
         return loss, metrics
 
 

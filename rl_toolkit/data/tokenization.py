@@ -80,6 +80,7 @@ def tokenize_pair(
     if tokenizer.chat_template is None:
         prompt_text = _check_plain_text(prompt, "prompt", where)
         prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+        prompt_ids = _collapse_leading_bos(prompt_ids, tokenizer.bos_token_id)
         responses = []
         for key, response in (("chosen_response", chosen), ("rejected_response", rejected)):
             text = _check_plain_text(response, key, where)
