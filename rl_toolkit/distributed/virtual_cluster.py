@@ -103,7 +103,9 @@ def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None
                 f"running cluster was found at {address} (RAY_ADDRESS or `ray start --head`)"
             )
         logger.info("Attaching to the running Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # address=None makes Ray read RAY_ADDRESS or the recorded head itself; only then does it
+        # pick up the token of a token-auth cluster (~/.ray/auth_token), as `ray start` made it.
+        ray.init(address=None, runtime_env=runtime_env, log_to_driver=True)
         return
     logger.info("No running Ray cluster found; starting a local one")
     ray.init(

@@ -2,23 +2,25 @@
 
 The worker itself is a plain Python class (its `__init__` takes keyword arguments); it can be
 built and tested without Ray. Here it is wrapped in a thin actor that builds it inside its own
-process, whose environment carries the torch.distributed rendezvous variables (RANK,
-WORLD_SIZE, LOCAL_RANK, NODE_RANK, MASTER_ADDR, MASTER_PORT), so the worker calls
-`torch.distributed.init_process_group(init_method="env://")` as under torchrun.
+process after putting the torch.distributed rendezvous variables (RANK, WORLD_SIZE,
+LOCAL_RANK, NODE_RANK, MASTER_ADDR, MASTER_PORT) into that process's environment, so the
+worker calls `torch.distributed.init_process_group(init_method="env://")` as under torchrun.
 """
 
+import os
+import re
 import socket
 from typing import Any, NamedTuple
 
 import ray
 import torch
-from ray.util.scheduling_strategies import (
-    NodeAffinitySchedulingStrategy,
-    PlacementGroupSchedulingStrategy,
-)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import BundleInfo, RayVirtualCluster
+
+# Ray colours the remote traceback for terminals; the error message should be plain text.
+_ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class WorkerError(RuntimeError):
@@ -39,18 +41,35 @@ class WorkerFuture(NamedTuple):
 
 
 class _WorkerActor:
-    """The actor body: builds the plain worker in the actor's process and forwards calls."""
+    """The actor body: builds the plain worker in the actor's process and forwards calls.
 
-    def __init__(
-        self, worker_cls: type, worker_kwargs: dict[str, Any], num_threads: int | None
+    Built in two steps so that all actors start (and import torch) in parallel: the rank-0
+    actor is asked for a free port before any worker exists.
+    """
+
+    def __init__(self) -> None:
+        self.worker = None
+
+    def find_free_port(self) -> int:
+        # Port 0 lets the OS pick a free port; it is released again for rank 0's rendezvous.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
+
+    def build_worker(
+        self,
+        worker_cls: type,
+        worker_kwargs: dict[str, Any],
+        rendezvous_env: dict[str, str],
+        num_threads: int | None,
     ) -> None:
+        # The worker reads RANK & co. from the environment, as under torchrun.
+        os.environ.update(rendezvous_env)
         if num_threads is not None:
-            # OMP_NUM_THREADS is set too, but torch may have sized its pool before reading it.
+            # OMP_NUM_THREADS is in the actor's runtime env too, for OpenMP users other than
+            # torch; torch's own pool is sized here.
             torch.set_num_threads(num_threads)
         self.worker = worker_cls(**worker_kwargs)
-
-    def ready(self) -> None:
-        """Returns once __init__ has finished (Ray runs actor calls in order)."""
 
     def call(self, method: str, kwargs: dict[str, Any]) -> Any:
         return getattr(self.worker, method)(**kwargs)
@@ -59,16 +78,8 @@ class _WorkerActor:
 _RemoteWorkerActor = ray.remote(_WorkerActor)
 
 
-@ray.remote(num_cpus=0)
-def _find_free_port() -> int:
-    # Port 0 lets the OS pick a free port; it is released again for the rank-0 worker to bind.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_env(bundles: list[BundleInfo], master_port: int) -> list[dict[str, str]]:
-    """torch.distributed env vars per rank; bundles are in rank order, grouped by node."""
+    """torch.distributed env vars per rank (bundles in rank order, grouped by node)."""
     node_ranks = {node_id: i for i, node_id in enumerate(dict.fromkeys(b.node_id for b in bundles))}
     envs, num_seen_on_node = [], dict.fromkeys(node_ranks, 0)
     for rank, bundle in enumerate(bundles):
@@ -97,8 +108,8 @@ class RayWorkerGroup:
 
     CPU workers run with `OMP_NUM_THREADS=1` and `torch.set_num_threads(1)`: one CPU per actor.
     GPU workers see only their GPU (Ray sets CUDA_VISIBLE_DEVICES), i.e. device `cuda:0`.
-    Construction returns once every worker's `__init__` has finished and raises WorkerError if
-    one failed.
+    Construction returns once every worker's `__init__` has finished; if one fails, all are
+    killed and WorkerError is raised.
     """
 
     def __init__(
@@ -113,37 +124,42 @@ class RayWorkerGroup:
         self.bundles = cluster.get_bundles()
         self.world_size = len(self.bundles)
         self.worker_names = [f"{name_prefix}-{rank}" for rank in range(self.world_size)]
-        master_port = ray.get(
-            _find_free_port.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    self.bundles[0].node_id, soft=False
-                )
-            ).remote()
-        )
         num_threads = None if cluster.use_gpus else 1
-        self._actors = []
-        for bundle, env in zip(self.bundles, _rank_env(self.bundles, master_port), strict=True):
-            if num_threads is not None:
-                env["OMP_NUM_THREADS"] = str(num_threads)
-            options = {
-                "num_cpus": 1,
-                "num_gpus": 1 / cluster.max_colocated_worker_groups if cluster.use_gpus else 0,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=bundle.placement_group,
-                    placement_group_bundle_index=bundle.bundle_index,
-                ),
-                "runtime_env": {"env_vars": env},
-            }
-            actor = _RemoteWorkerActor.options(**options).remote(
-                worker_cls, worker_kwargs or {}, num_threads
-            )
-            self._actors.append(actor)
-        self.get_results(
-            [
-                WorkerFuture(rank, "__init__", a.ready.remote())
-                for rank, a in enumerate(self._actors)
-            ]
-        )
+        self._actors = [
+            _RemoteWorkerActor.options(**self._actor_options(cluster, bundle, num_threads)).remote()
+            for bundle in self.bundles
+        ]
+        # The port is asked of the rank-0 actor: it must be free on the rank-0 node.
+        master_port = self.get_results(
+            [WorkerFuture(0, "find_free_port", self._actors[0].find_free_port.remote())]
+        )[0]
+        build_args = (worker_cls, worker_kwargs or {})
+        envs = _rank_env(self.bundles, master_port)
+        futures = [
+            WorkerFuture(rank, "__init__", actor.build_worker.remote(*build_args, env, num_threads))
+            for rank, (actor, env) in enumerate(zip(self._actors, envs, strict=True))
+        ]
+        try:
+            self.get_results(futures)
+        except WorkerError:
+            self.shutdown()  # the others may be blocked in init_process_group
+            raise
+
+    @staticmethod
+    def _actor_options(
+        cluster: RayVirtualCluster, bundle: BundleInfo, num_threads: int | None
+    ) -> dict[str, Any]:
+        options = {
+            "num_cpus": 1,
+            "num_gpus": 1 / cluster.max_colocated_worker_groups if cluster.use_gpus else 0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=bundle.placement_group,
+                placement_group_bundle_index=bundle.bundle_index,
+            ),
+        }
+        if num_threads is not None:
+            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(num_threads)}}
+        return options
 
     def _check_method(self, method: str) -> None:
         if not callable(getattr(self.worker_cls, method, None)):
@@ -243,7 +259,7 @@ class RayWorkerGroup:
         message = (
             f"Worker {self.worker_names[future.rank]} (rank {future.rank} of {self.world_size}) "
             f"on node {bundle.node_ip} (node id {bundle.node_id}) {what} in "
-            f"{self.worker_cls.__name__}.{future.method}(): {error}"
+            f"{self.worker_cls.__name__}.{future.method}(): {_ANSI_COLOR.sub('', str(error))}"
         )
         return WorkerError(message, error)
 
