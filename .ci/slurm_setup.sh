@@ -105,7 +105,7 @@ start_munge() {
     chmod 0700 /etc/munge /var/lib/munge /var/log/munge
     chmod 0755 /run/munge
     chmod 0400 "$MUNGE_KEY"
-    if ! munge -n </dev/null | unmunge >/dev/null 2>&1; then
+    if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
         log "starting munged"
         su -s /bin/sh munge -c "munged --force"
         munge -n </dev/null | unmunge >/dev/null
