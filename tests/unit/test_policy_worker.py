@@ -18,6 +18,14 @@ from tests.unit.policy_testing import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _leave_process_group() -> Iterator[None]:
+    # Workers join (or create) this process's group; leave none behind for other tests.
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
@@ -261,3 +269,20 @@ def test_bf16_nccl_worker_on_gpu(tiny, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.dtype == torch.bfloat16
     worker.shutdown()
+
+
+def test_worker_module_does_not_import_ray():
+    import ast
+    import inspect
+
+    import rl_toolkit.models.policy.fsdp2_worker as worker_module
+
+    tree = ast.parse(inspect.getsource(worker_module))
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(name == "ray" or name.startswith("ray.") for name in imported)

@@ -114,10 +114,10 @@ class FSDP2PolicyWorker:
     ) -> None:
         self.cfg = config
         self.tokenizer = tokenizer
+        if config["precision"] == "bfloat16" and not torch.cuda.is_available():
+            raise ValueError("policy.precision: bfloat16 needs a GPU; use float32 on CPU")
         self.device = _init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if config["precision"] == "bfloat16" and self.device.type != "cuda":
-            raise ValueError("policy.precision: bfloat16 needs a GPU; use float32 on CPU")
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         self.hf_config = AutoConfig.from_pretrained(config["model_name"])
         self.model = _build_sharded_model(config, self.hf_config, self.mesh, self.device)
@@ -420,7 +420,7 @@ class ReferenceWeights:
         pin = torch.cuda.is_available()
         shards = _local_shards(model)
         self.weights = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in shards]
-        self.staging = [torch.empty_like(t) for t in self.weights]
+        self.staging = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in shards]
         self.synced = False  # True once the reference differs from the initial weights
         with torch.no_grad():
             for weight, shard in zip(self.weights, shards, strict=True):
