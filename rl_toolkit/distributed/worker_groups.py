@@ -19,6 +19,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import BundleInfo, RayVirtualCluster
 
+# After a first failure, how long to wait for other workers' failures (see get_results).
+FAILURE_GRACE_S = 3.0
+
 # Ray colours the remote traceback for terminals; the error message should be plain text.
 _ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -234,34 +237,52 @@ class RayWorkerGroup:
     def get_results(self, futures: list[WorkerFuture]) -> list[Any]:
         """Wait for `futures` and return their values in the order given.
 
-        Waits on all of them at once, so the first failure is raised as soon as it happens,
-        even while other workers are still blocked (e.g. in a collective with the dead one).
+        Waits on all of them at once, so a failure is reported as soon as it happens, even
+        while other workers are still blocked (e.g. in a collective with the dead one). After
+        the first failure it waits FAILURE_GRACE_S more for other failures, because a peer's
+        death makes the survivors' collectives fail too, sometimes before Ray reports the
+        death itself: the death is then named as the cause.
 
         Raises:
             WorkerError: a worker raised or died; the others are left as they are (call
                 `shutdown()` to stop them).
         """
         by_ref = {future.ref: future for future in futures}
-        values, pending = {}, list(by_ref)
+        values, failures, pending = {}, [], list(by_ref)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                try:
-                    values[ref] = ray.get(ref)
-                except ray.exceptions.RayError as error:
-                    raise self._worker_error(by_ref[ref], error) from None
+            timeout = FAILURE_GRACE_S if failures else None
+            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            if not ready:
+                break  # the grace period after a failure is over
+            try:
+                values[ready[0]] = ray.get(ready[0])
+            except ray.exceptions.RayError as error:
+                failures.append((by_ref[ready[0]], error))
+        if failures:
+            raise self._worker_error(failures) from None
         return [values[future.ref] for future in futures]
 
-    def _worker_error(self, future: WorkerFuture, error: ray.exceptions.RayError) -> WorkerError:
+    def _describe(self, future: WorkerFuture, error: ray.exceptions.RayError) -> str:
         bundle = self.bundles[future.rank]
-        died = isinstance(error, ray.exceptions.RayActorError)
-        what = "died" if died else "raised"
-        message = (
+        what = "died" if isinstance(error, ray.exceptions.RayActorError) else "raised"
+        return (
             f"Worker {self.worker_names[future.rank]} (rank {future.rank} of {self.world_size}) "
             f"on node {bundle.node_ip} (node id {bundle.node_id}) {what} in "
-            f"{self.worker_cls.__name__}.{future.method}(): {_ANSI_COLOR.sub('', str(error))}"
+            f"{self.worker_cls.__name__}.{future.method}()"
         )
-        return WorkerError(message, error)
+
+    def _worker_error(
+        self, failures: list[tuple[WorkerFuture, ray.exceptions.RayError]]
+    ) -> WorkerError:
+        # A dead process is the likelier root cause than an exception (often a failed
+        # collective with the dead peer); otherwise the first failure in time.
+        deaths = [f for f in failures if isinstance(f[1], ray.exceptions.RayActorError)]
+        future, error = (deaths or failures)[0]
+        lines = [f"{self._describe(future, error)}: {_ANSI_COLOR.sub('', str(error))}"]
+        others = [f"  {self._describe(*failure)}" for failure in failures if failure[0] != future]
+        if others:
+            lines += ["Other workers failed as well (see their logs):", *others]
+        return WorkerError("\n".join(lines), error)
 
     def shutdown(self) -> None:
         """Kill the workers (idempotent); their bundles stay reserved in the cluster."""

@@ -106,7 +106,7 @@ from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, init_ray
 from rl_toolkit.distributed.worker_groups import RayWorkerGroup
 from tests.unit.test_worker_groups import GlooWorker
 
-nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 nodes.add_node(num_cpus=1)
 nodes.wait_for_nodes()
 os.environ["RAY_ADDRESS"] = nodes.address
