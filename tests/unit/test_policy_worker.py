@@ -202,6 +202,16 @@ def test_warmup_then_constant_schedule(tiny):
     ("overrides", "message"),
     [
         ({"precision": "bfloat16"}, "bfloat16 needs a GPU"),
+        (
+            {
+                "fsdp": {
+                    "activation_checkpointing": False,
+                    "cpu_offload": True,
+                    "reshard_after_forward": True,
+                }
+            },
+            "cpu_offload: true needs a GPU",
+        ),
         ({"optimizer": {"name": "torch.optim.NoSuchOpt", "kwargs": {}}}, "policy.optimizer.name"),
         (
             {
@@ -215,8 +225,8 @@ def test_warmup_then_constant_schedule(tiny):
     ],
 )
 def test_config_mistakes_are_value_errors(tiny, overrides, message):
-    if "precision" in overrides and torch.cuda.is_available():
-        pytest.skip("bfloat16 is valid on a GPU machine")
+    if ("precision" in overrides or "fsdp" in overrides) and torch.cuda.is_available():
+        pytest.skip("valid on a GPU machine")
     with pytest.raises(ValueError, match=message):
         FSDP2PolicyWorker(config=make_config(tiny[0], **overrides), tokenizer=make_tokenizer())
 

@@ -1,7 +1,7 @@
 """The FSDP2 policy worker: one process, one shard of the model, its optimizer and reference.
 
-A plain class: it runs standalone (world size 1), under torchrun, or as a Ray actor (the policy
-facade wraps it with ``ray.remote``). It reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+A plain class: it runs standalone (world size 1), under torchrun, or inside a Ray actor (the
+policy facade's RayWorkerGroup builds it there). It reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT from the environment; without WORLD_SIZE it is a single process.
 
 Every public method is collective: all workers of a group call it together, each with its own
@@ -114,8 +114,7 @@ class FSDP2PolicyWorker:
     ) -> None:
         self.cfg = config
         self.tokenizer = tokenizer
-        if config["precision"] == "bfloat16" and not torch.cuda.is_available():
-            raise ValueError("policy.precision: bfloat16 needs a GPU; use float32 on CPU")
+        _check_gpu_options(config)
         self.device = _init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
@@ -458,6 +457,18 @@ class ReferenceWeights:
                 for weight, shard in zip(self.weights, _local_shards(model), strict=True):
                     weight.copy_(shard)
         self.synced = True
+
+
+def _check_gpu_options(cfg: PolicyConfig) -> None:
+    if torch.cuda.is_available():
+        return
+    if cfg["precision"] == "bfloat16":
+        raise ValueError("policy.precision: bfloat16 needs a GPU; use float32 on CPU")
+    if cfg["fsdp"]["cpu_offload"]:
+        raise ValueError(
+            "policy.fsdp.cpu_offload: true needs a GPU (without one the weights are in host "
+            "memory already); set it to false"
+        )
 
 
 def _init_distributed() -> torch.device:
