@@ -73,7 +73,7 @@ sys.exit(exit_code)
 @pytest.fixture(scope="module")
 def slurm_node() -> str:
     """The name of an idle local Slurm node; skips the tests when there is none."""
-    for tool in ("sinfo", "sbatch", "scontrol", "scancel"):
+    for tool in ("sinfo", "sbatch", "squeue", "scontrol", "scancel"):
         if shutil.which(tool) is None:
             pytest.skip(
                 f"no Slurm here: `{tool}` is not on PATH (CI starts one: .ci/slurm_setup.sh)"
@@ -134,11 +134,20 @@ def _job_output(tmp_path: Path, job_id: str) -> str:
 
 
 def _wait_for_job(tmp_path: Path, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, str]:
-    """Polls the job until it ends; cancels it and fails the test after timeout_s."""
+    """Polls the job until it has ended, completing phase included (until then a cancelled job's
+    steps may still be stopping); cancels it and fails the test after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        fields = _job_fields(job_id)
-        if fields["JobState"] in FINISHED_STATES:
+        # squeue lists pending, running and completing jobs only.
+        listed = subprocess.run(
+            ["squeue", "--noheader", f"--jobs={job_id}", "--format=%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        if not listed:
+            fields = _job_fields(job_id)
+            assert fields["JobState"] in FINISHED_STATES, fields
             return fields
         time.sleep(2)
     subprocess.run(["scancel", job_id], timeout=30)
