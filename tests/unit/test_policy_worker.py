@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rl_toolkit.models.policy import PolicyConfig
 from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
+from rl_toolkit.utils.config import validate_config
 from tests.unit.policy_testing import (
     make_batch,
     make_config,
@@ -222,6 +224,7 @@ def test_warmup_then_constant_schedule(tiny):
             },
             "milestones",
         ),
+        ({"scheduler": [{"nme": "torch.optim.lr_scheduler.ConstantLR"}]}, r"scheduler\[0\]"),
     ],
 )
 def test_config_mistakes_are_value_errors(tiny, overrides, message):
@@ -279,6 +282,16 @@ def test_bf16_nccl_worker_on_gpu(tiny, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.dtype == torch.bfloat16
     worker.shutdown()
+
+
+def test_the_schema_accepts_a_full_policy_config(tiny):
+    config = make_config(tiny[0], max_grad_norm=None)
+    config["scheduler"] = [
+        {"name": "torch.optim.lr_scheduler.LinearLR", "kwargs": {"total_iters": 2}},
+        {"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {}},
+        {"milestones": [2]},
+    ]
+    validate_config(config, PolicyConfig, {})
 
 
 def test_worker_module_does_not_import_ray():

@@ -4,7 +4,11 @@ Batch sizes in ``PolicyConfig`` count sequences (rows of the batch), never pairs
 batch of 8 pairs is ``train_global_batch_size: 16``. Every default lives in ``configs/dpo.yaml``.
 """
 
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired
+
+# pydantic (config validation) checks list[SchedulerConfig] only with typing_extensions'
+# TypedDict on Python < 3.12.
+from typing_extensions import TypedDict
 
 
 class TokenizerConfig(TypedDict):

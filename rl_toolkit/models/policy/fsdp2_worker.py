@@ -613,6 +613,12 @@ def _build_scheduler(
     optimizer: torch.optim.Optimizer, entries: list[SchedulerConfig]
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """One scheduler, or several chained with ``SequentialLR`` at the listed milestones."""
+    for idx, entry in enumerate(entries):
+        if set(entry) not in ({"name", "kwargs"}, {"milestones"}):
+            raise ValueError(
+                f"policy.scheduler[{idx}]: expected keys {{name, kwargs}} or {{milestones}}, "
+                f"got {sorted(entry)}"
+            )
     schedulers = [
         _import_class(entry["name"], f"policy.scheduler[{idx}].name")(optimizer, **entry["kwargs"])
         for idx, entry in enumerate(entries)
