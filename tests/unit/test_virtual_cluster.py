@@ -143,11 +143,15 @@ import json, os
 import ray
 from rl_toolkit.distributed.virtual_cluster import init_ray
 
+@ray.remote(num_cpus=0)
+class View:
+    def env(self):
+        return [os.environ.get("RLT_ATTACH_VAR"), os.environ.get("OWN")]
+
 def worker_view():
-    @ray.remote
-    def view():
-        return os.environ.get("RLT_ATTACH_VAR")
-    return ray.get(view.remote())
+    # An actor with env vars of its own (as the worker group's) still gets the driver's.
+    view = View.options(runtime_env={"env_vars": {"OWN": "own"}}).remote()
+    return ray.get(view.env.remote())
 
 out = {}
 init_ray()  # no RAY_ADDRESS: finds the head recorded by `ray start --head`
@@ -188,6 +192,6 @@ def test_init_ray_attaches_to_running_head(private_ray_tmpdir: dict, free_port: 
         head.wait(timeout=30)
     assert out["recorded"][0].endswith(f":{free_port}")
     assert out["recorded"][1] == 1.0  # the head's CPU, not a new local cluster
-    assert out["env"] == "seen"
+    assert out["env"] == ["seen", "own"]  # the head was started without RLT_ATTACH_VAR
     assert "only applies to a new local cluster" in out["error"]
     assert out["explicit"] == out["recorded"]
