@@ -16,7 +16,14 @@ import pytest
 
 from rl_toolkit.utils.checkpoint import is_complete_checkpoint
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+JOB_TIMEOUT_S = 480  # a job's own limit here; pytest's per-test limit leaves room for it
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.timeout(JOB_TIMEOUT_S + 120),
+    pytest.mark.usefixtures("require_slurm"),
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_SUB = REPO_ROOT / "ray.sub"
@@ -28,7 +35,26 @@ RAY_SUB = REPO_ROOT / "ray.sub"
 DPO_RECIPE_READY = False
 DPO_NUM_STEPS = 3
 
-JOB_TIMEOUT_S = 480
+# ray.sub's settings (docs/cluster.md): the tests set their own, none comes from the caller's
+# environment.
+RAY_SUB_SETTINGS = (
+    "COMMAND",
+    "CONTAINER",
+    "MOUNTS",
+    "BASE_LOG_DIR",
+    "PYTHON",
+    "NODE_TMP_DIR",
+    "JOIN_TIMEOUT_S",
+    "DASHBOARD",
+    "PORT_BASE",
+    "GCS_PORT",
+    "NODE_MANAGER_PORT",
+    "OBJECT_MANAGER_PORT",
+    "CLIENT_SERVER_PORT",
+    "DASHBOARD_PORT",
+    "MIN_WORKER_PORT",
+    "MAX_WORKER_PORT",
+)
 FINISHED_STATES = {
     "COMPLETED",
     "FAILED",
@@ -71,8 +97,8 @@ sys.exit(exit_code)
 
 
 @pytest.fixture(scope="module")
-def slurm_node() -> str:
-    """The name of an idle local Slurm node; skips the tests when there is none."""
+def require_slurm() -> None:
+    """Skips the tests unless a Slurm controller answers and has a node up."""
     for tool in ("sinfo", "sbatch", "squeue", "scontrol", "scancel"):
         if shutil.which(tool) is None:
             pytest.skip(
@@ -87,17 +113,18 @@ def slurm_node() -> str:
     if result.returncode != 0:
         pytest.skip(f"the Slurm controller does not answer: sinfo: {result.stderr.strip()}")
     nodes = dict(line.split() for line in result.stdout.splitlines() if line.strip())
-    usable = [name for name, state in nodes.items() if state in ("idle", "mixed", "allocated")]
-    if not usable:
+    if not any(state in ("idle", "mixed", "allocated") for state in nodes.values()):
         pytest.skip(f"no usable Slurm node (sinfo: {nodes}); start one with .ci/slurm_setup.sh")
-    return usable[0]
 
 
 def _submit(tmp_path: Path, command: str | None) -> str:
     """sbatch ray.sub from the repo root with COMMAND (None: keep the cluster up); its job id."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("RAY_") and key not in RAY_SUB_SETTINGS
+    }
     env["BASE_LOG_DIR"] = str(tmp_path)
-    env.pop("COMMAND", None)
     if command is not None:
         env["COMMAND"] = command
     result = subprocess.run(
@@ -206,7 +233,7 @@ def _driver_command(checkpoint_dir: Path) -> str:
     return "uv run examples/run_dpo.py " + " ".join(overrides)
 
 
-def test_ray_sub_runs_the_driver_and_tears_down(tmp_path: Path, slurm_node: str) -> None:
+def test_ray_sub_runs_the_driver_and_tears_down(tmp_path: Path) -> None:
     checkpoint_dir = tmp_path / "checkpoints"
     job_id = _submit(tmp_path, _driver_command(checkpoint_dir))
     fields = _wait_for_job(tmp_path, job_id)
@@ -227,7 +254,7 @@ def test_ray_sub_runs_the_driver_and_tears_down(tmp_path: Path, slurm_node: str)
     _check_torn_down(job_id)
 
 
-def test_ray_sub_passes_the_exit_status_through(tmp_path: Path, slurm_node: str) -> None:
+def test_ray_sub_passes_the_exit_status_through(tmp_path: Path) -> None:
     job_id = _submit(tmp_path, _standin_command(tmp_path / "out", exit_code=3))
     fields = _wait_for_job(tmp_path, job_id)
 
@@ -238,9 +265,7 @@ def test_ray_sub_passes_the_exit_status_through(tmp_path: Path, slurm_node: str)
     _check_torn_down(job_id)
 
 
-def test_ray_sub_without_command_keeps_the_cluster_up_for_attach(
-    tmp_path: Path, slurm_node: str
-) -> None:
+def test_ray_sub_without_command_keeps_the_cluster_up_for_attach(tmp_path: Path) -> None:
     job_id = _submit(tmp_path, None)
     attach_script = tmp_path / f"{job_id}-attach.sh"
     deadline = time.monotonic() + JOB_TIMEOUT_S
