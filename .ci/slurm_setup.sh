@@ -5,7 +5,8 @@
 # Installs Debian's slurm-wlm and munge if missing, writes a minimal slurm.conf for one node named
 # after `hostname -s` (its real CPU count, RealMemory a bit below the real value; no cgroups, as
 # this runs in a container), creates the munge key, starts munged, slurmctld and slurmd as root,
-# and waits until `sinfo` shows the node idle. Idempotent: daemons already up are left running.
+# and waits until `sinfo` shows the node up (idle, or busy with jobs on a second run). Idempotent:
+# daemons already up are left running, unless the config they were started with changed.
 set -euo pipefail
 
 SLURM_CONF=/etc/slurm/slurm.conf
