@@ -1,14 +1,16 @@
 """The Policy facade on Ray CPU workers (gloo): invariance, reference, checkpoints, export."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
+from rl_toolkit.models.policy import PolicyConfig
 from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
 from rl_toolkit.models.policy.lm_policy import Policy
 from tests.unit.policy_testing import (
@@ -36,23 +38,33 @@ class _PolicyOnCluster:
         self.cluster.shutdown()
 
 
+def _config(model_dir: Path) -> PolicyConfig:
+    # Random weights seeded by policy.seed: they must not depend on the number of workers.
+    return make_config(model_dir, random_init=True)
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory) -> tuple[Path, PreTrainedModel]:
+    """The model directory and the HF model of its random initial weights (one worker)."""
     path = tmp_path_factory.mktemp("tiny_llama_ray")
-    return path, save_tiny_llama(path)
+    save_tiny_llama(path)
+    worker = FSDP2PolicyWorker(config=_config(path), tokenizer=make_tokenizer())
+    worker.export_hf(str(path / "initial"))
+    worker.shutdown()
+    return path, AutoModelForCausalLM.from_pretrained(path / "initial").eval()
 
 
 @pytest.fixture(scope="module")
 def two_workers(tiny) -> Iterator[Policy]:
     """One two-worker policy shared by the tests below, in file order (each says what it did)."""
-    handle = _PolicyOnCluster(2, "policy-2w", config=make_config(tiny[0]))
+    handle = _PolicyOnCluster(2, "policy-2w", config=_config(tiny[0]))
     yield handle.policy
     handle.close()
 
 
 def _steps_in_process(model_dir, batches: list[BatchedDataDict], loss_fn, tmp_path) -> list:
     """Metrics and weights after each step of one in-process worker, one micro-batch per step."""
-    worker = FSDP2PolicyWorker(config=make_config(model_dir), tokenizer=make_tokenizer())
+    worker = FSDP2PolicyWorker(config=_config(model_dir), tokenizer=make_tokenizer())
     results = []
     for step, data in enumerate(batches):
         metrics = worker.train(data, loss_fn, mbs=data.size)
@@ -66,6 +78,7 @@ def _steps_in_process(model_dir, batches: list[BatchedDataDict], loss_fn, tmp_pa
 @pytest.mark.parametrize("num_pairs", [3, 1])
 def test_logprobs_come_back_in_row_order(tiny, two_workers, num_pairs):
     # The workers get 2 and 1 pairs, or 1 and none: all run the same number of forwards.
+    # Equal to one worker's log-probs: the random initial weights are the same.
     data = make_batch(seed=20 + num_pairs, num_pairs=num_pairs)
     logprobs = two_workers.get_logprobs(data)["logprobs"]
     torch.testing.assert_close(logprobs, naive_logprobs(tiny[1], data), atol=1e-5, rtol=0)
@@ -112,7 +125,7 @@ def test_reference_stays_initial_through_training_save_and_resume(tiny, two_work
     resumed = _PolicyOnCluster(
         1,
         "policy-resumed",
-        config=make_config(tiny[0]),
+        config=_config(tiny[0]),
         weights_path=str(ckpt / "weights"),
         optimizer_path=str(ckpt / "optimizer"),
     )
