@@ -148,6 +148,10 @@ def test_hf_export_loads_with_transformers_and_gives_the_same_logprobs(worker, t
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(naive_logprobs(exported, data), expected, atol=1e-5, rtol=0)
+    # Same parameters bit for bit, hence the same logits at every position and vocabulary entry.
+    torch.testing.assert_close(
+        dict(exported.named_parameters()), _parameters(worker), atol=0, rtol=0
+    )
     assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
