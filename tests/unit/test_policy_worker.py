@@ -1,11 +1,13 @@
 """The plain FSDP2 policy worker in this process (world size 1, gloo), without Ray."""
 
+import math
 from collections.abc import Iterator
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rl_toolkit.algorithms.loss_functions import DPOLossFn
 from rl_toolkit.models.policy import PolicyConfig
 from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
 from rl_toolkit.utils.config import validate_config
@@ -286,6 +288,32 @@ def test_bf16_nccl_worker_on_gpu(tiny, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
     assert exported.dtype == torch.bfloat16
     worker.shutdown()
+
+
+def test_dpo_loss_starts_at_log2_and_falls(worker):
+    loss_fn = DPOLossFn(
+        {
+            "reference_policy_kl_penalty": 0.5,
+            "preference_loss_weight": 1.0,
+            "sft_loss_weight": 0.0,
+            "preference_average_log_probs": False,
+            "sft_average_log_probs": False,
+            "loss_type": "sigmoid",
+            "label_smoothing": 0.0,
+            "reference_free": False,
+            "simpo_gamma": 0.0,
+            "discopop_tau": 0.05,
+        }
+    )
+    data = make_batch(seed=12)
+    reference = worker.get_reference_policy_logprobs(data)["reference_logprobs"]
+    data["reference_policy_logprobs"] = reference
+
+    losses = [worker.train(data, loss_fn)["loss"] for _ in range(4)]
+
+    # The policy starts as the reference: every margin is 0 and the loss -log sigmoid(0).
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses[-1] < losses[0]
 
 
 def test_the_schema_accepts_a_full_policy_config(tiny):
