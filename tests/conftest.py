@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import ray
+import torch
 
 from rl_toolkit.distributed.virtual_cluster import init_ray
 
@@ -44,3 +45,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked `gpu` when there is no CUDA GPU (the marker's promise in pyproject)."""
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip_gpu)

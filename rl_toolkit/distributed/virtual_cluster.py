@@ -67,13 +67,13 @@ def _worker_env_vars() -> dict[str, str]:
 
 
 def _disable_uv_run_worker_env() -> None:
-    # When the driver runs under `uv run`, Ray (>= 2.43) by default starts every worker with
-    # `uv run ... python` and uploads the current directory as working_dir, so each worker
-    # re-resolves the project (seconds per worker, and it needs the lock to resolve offline).
-    # Our workers only need the driver's interpreter: the local start below uses it
-    # (sys.executable), and a cluster started with `uv run ray start` uses the same .venv.
-    # Ray read the flag when it was imported, so the module constant is reset as well; the
-    # environment variable covers Ray processes started from here (a local head, workers).
+    # When the driver runs under `uv run`, Ray (2.60 here) by default starts every worker as
+    # `uv run ... python` with the current directory packaged and shipped as working_dir, so
+    # each worker process pays for a uv project sync before it runs. Our workers need nothing
+    # but the driver's interpreter: a local start uses it (sys.executable), and a cluster
+    # started with `uv run ray start` runs the same .venv. Ray read the flag when it was
+    # imported, so the module constant is reset too; the environment variable covers the Ray
+    # processes started from here (a local head and its workers).
     os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
     ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
 
@@ -105,7 +105,7 @@ def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None
         logger.info("Attaching to the running Ray cluster at %s", address)
         # address=None makes Ray read RAY_ADDRESS or the recorded head itself; only then does it
         # pick up the token of a token-auth cluster (~/.ray/auth_token), as `ray start` made it.
-        ray.init(address=None, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=None, runtime_env=runtime_env)
         return
     logger.info("No running Ray cluster found; starting a local one")
     ray.init(
@@ -113,7 +113,6 @@ def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None
         include_dashboard=False,
         dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
-        log_to_driver=True,
         _temp_dir=os.path.abspath(log_dir) if log_dir else None,
     )
 
@@ -127,8 +126,8 @@ class BundleInfo(NamedTuple):
     node_ip: str
 
 
-class PlacementGroupTimeoutError(RuntimeError):
-    """The cluster cannot provide the requested bundles, or not within the timeout."""
+class InsufficientResourcesError(RuntimeError):
+    """The cluster cannot provide the requested bundles: too small, or busy past the timeout."""
 
 
 class RayVirtualCluster:
@@ -217,11 +216,11 @@ class RayVirtualCluster:
         try:
             ray.get([group.ready() for group in groups], timeout=ready_timeout_s)
         except ray.exceptions.GetTimeoutError as error:
-            # Describe the cluster before removing our groups: what they hold counts as taken.
+            # Describe the cluster first: the removal below takes effect asynchronously.
             message = self._missing_resources_message(f"not ready after {ready_timeout_s:.0f} s")
             for group in groups:
                 ray.util.remove_placement_group(group)
-            raise PlacementGroupTimeoutError(message) from error
+            raise InsufficientResourcesError(message) from error
         return groups
 
     def _requested_resources(self) -> dict[str, float]:
@@ -231,7 +230,7 @@ class RayVirtualCluster:
         # Fail at once, rather than after the timeout, when the whole cluster is too small.
         total = ray.cluster_resources()
         if any(amount > total.get(key, 0) for key, amount in self._requested_resources().items()):
-            raise PlacementGroupTimeoutError(
+            raise InsufficientResourcesError(
                 self._missing_resources_message("cannot fit: the cluster is too small")
             )
 
@@ -288,10 +287,7 @@ def _resources_per_node(resources: list[str]) -> list[str]:
     availability; the cluster-wide one is in the message above it)."""
     summary = []
     for node in ray.nodes():
-        if not node["Alive"]:
-            continue
-        total = node["Resources"]
-        summary.append(
-            f"{node['NodeManagerAddress']} total { ({k: total.get(k, 0) for k in resources}) }"
-        )
+        if node["Alive"]:
+            totals = {key: node["Resources"].get(key, 0) for key in resources}
+            summary.append(f"{node['NodeManagerAddress']} total {totals}")
     return summary

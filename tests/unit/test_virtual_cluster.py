@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from rl_toolkit.distributed.virtual_cluster import PlacementGroupTimeoutError, RayVirtualCluster
+from rl_toolkit.distributed.virtual_cluster import InsufficientResourcesError, RayVirtualCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ def test_bad_arguments_are_value_errors() -> None:
 @pytest.mark.usefixtures("ray_session")
 def test_too_small_cluster_fails_at_once() -> None:
     start = time.monotonic()
-    with pytest.raises(PlacementGroupTimeoutError, match="too small") as info:
+    with pytest.raises(InsufficientResourcesError, match="too small") as info:
         RayVirtualCluster([50], use_gpus=False, name="huge")
     assert time.monotonic() - start < 5
     assert "requested: {'CPU': 50.0}" in str(info.value)
@@ -64,7 +64,7 @@ def test_too_small_cluster_fails_at_once() -> None:
 def test_busy_cluster_times_out_with_resources_listed() -> None:
     holder = RayVirtualCluster([3], use_gpus=False, name="holder")
     try:
-        with pytest.raises(PlacementGroupTimeoutError, match="not ready after 1 s") as info:
+        with pytest.raises(InsufficientResourcesError, match="not ready after 1 s") as info:
             RayVirtualCluster([2], use_gpus=False, name="waiter", ready_timeout_s=1)
         message = str(info.value)
         assert "'waiter'" in message and "requested: {'CPU': 2.0}" in message

@@ -127,3 +127,31 @@ def test_init_failure_is_a_worker_error() -> None:
             RayWorkerGroup(cluster, BrokenWorker, name_prefix="broken")
     finally:
         cluster.shutdown()
+
+
+class NcclWorker:
+    """Ray restricts CUDA_VISIBLE_DEVICES to the actor's GPU, so it is always cuda:0."""
+
+    def __init__(self) -> None:
+        torch.cuda.set_device(0)
+        dist.init_process_group(backend="nccl", init_method="env://")
+
+    def all_reduce_ones(self) -> tuple[float, str]:
+        tensor = torch.ones(1, device="cuda")
+        dist.all_reduce(tensor)
+        return tensor.item(), os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+@pytest.mark.gpu
+def test_gpu_workers_one_gpu_each_with_nccl() -> None:
+    num_workers = min(torch.cuda.device_count(), 2)  # the session cluster has 4 CPUs
+    cluster = RayVirtualCluster([num_workers], num_gpus_per_node=num_workers, name="gpu")
+    assert cluster.use_gpus
+    group = RayWorkerGroup(cluster, NcclWorker, name_prefix="nccl")
+    try:
+        results = group.run_all_workers_single_data("all_reduce_ones")
+        assert [total for total, _ in results] == [float(num_workers)] * num_workers
+        assert len({devices for _, devices in results}) == num_workers  # a GPU each
+    finally:
+        group.shutdown()
+        cluster.shutdown()
