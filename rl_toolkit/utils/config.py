@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, NotRequired, Required, Union
 
 import pydantic
+import typing_extensions
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -240,6 +241,7 @@ def validate_config(values: Mapping[str, Any], schema: type, sources: Mapping[st
 
 
 def _where(dotted: str, sources: Mapping[str, str]) -> str:
+    dotted = re.sub(r"\[\d+\]", "", dotted)  # list entries share their list's source
     if dotted in sources:
         return sources[dotted]
     # A section created by an override of one of its children, e.g. `policy.x=1`.
@@ -297,6 +299,12 @@ def _check_value(
         # A section that may also be null: validate it as the TypedDict it is.
         _check_typed_dict(value, nested[0], f"{dotted}.", sources, errors)
         return
+    item_type = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+    if _is_typed_dict(item_type) and isinstance(value, list):
+        # A list of sections (e.g. policy.scheduler): check each entry's keys too.
+        for i, item in enumerate(value):
+            _check_typed_dict(item, item_type, f"{dotted}[{i}].", sources, errors)
+        return
     try:
         _adapter(tp).validate_python(value, strict=True)
     except pydantic.ValidationError as e:
@@ -327,7 +335,7 @@ def _union_members(tp: Any) -> tuple[Any, ...]:
 
 
 def _is_typed_dict(tp: Any) -> bool:
-    return isinstance(tp, type) and typing.is_typeddict(tp)
+    return isinstance(tp, type) and typing_extensions.is_typeddict(tp)
 
 
 def _type_name(tp: Any) -> str:

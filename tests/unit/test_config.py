@@ -300,3 +300,25 @@ def test_cli_prints_one_message_and_exits_nonzero(tmp_path: Path, base: Path) ->
         [sys.executable, str(script), "dpo.sft_loss_weight=0.1"], capture_output=True, text=True
     )
     assert good.returncode == 0 and good.stdout.strip() == "ran"
+
+
+class EntrySchema(TypedDict):
+    name: str
+    kwargs: NotRequired[dict[str, Any]]
+
+
+class ListSchema(TypedDict):
+    entries: list[EntrySchema]
+
+
+def test_lists_of_sections_are_checked_entry_by_entry(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", "entries:\n  - name: a\n  - name: b\n    kwargs: {x: 1}\n")
+    assert load_config(path, schema=ListSchema)["entries"][1]["kwargs"] == {"x": 1}
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["entries=[{name: a, kwarg: {}}, {name: 3}]"], schema=ListSchema)
+    message = str(err.value)
+    assert (
+        "unknown key 'entries[0].kwarg' (from the command line); did you mean 'entries[0].kwargs'?"
+        in message
+    )
+    assert "'entries[1].name': input should be a valid string, got int 3" in message
