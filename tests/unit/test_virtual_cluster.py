@@ -126,6 +126,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # starts a two-node Ray cluster: 20-60 s on the shared 2-core machine
 def test_two_nodes_one_worker_each_and_gloo_all_reduce(private_ray_tmpdir: dict) -> None:
     out = run_driver(TWO_NODE_DRIVER, private_ray_tmpdir)
     assert len(set(out["node_ids"])) == 2  # STRICT_SPREAD: one bundle per node
@@ -169,6 +170,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # `ray start --head` alone takes 15-30 s on the shared 2-core machine
 def test_init_ray_attaches_to_running_head(private_ray_tmpdir: dict, free_port: int) -> None:
     env = private_ray_tmpdir
     # --block keeps the head in the foreground: terminating this process stops exactly this
