@@ -67,11 +67,12 @@ def _worker_env_vars() -> dict[str, str]:
 
 
 def _disable_uv_run_worker_env() -> None:
-    # When the driver runs under `uv run`, Ray (2.60 here) by default starts every worker as
-    # `uv run ... python` with the current directory packaged and shipped as working_dir, so
-    # each worker process pays for a uv project sync before it runs. Our workers need nothing
-    # but the driver's interpreter: a local start uses it (sys.executable), and a cluster
-    # started with `uv run ray start` runs the same .venv. Ray read the flag when it was
+    # When the driver runs under `uv run`, Ray (2.60) by default ships a copy of the current
+    # directory as working_dir and starts every worker as `uv run ... python` inside it: uv
+    # then builds a second .venv in that copy (about 140 packages for this project) and the
+    # worker runs from there, with the copy as its cwd. Our workers need nothing but the
+    # driver's interpreter: a local start uses it (sys.executable), and a cluster started
+    # with `uv run ray start` runs the same .venv. Ray read the flag when it was
     # imported, so the module constant is reset too; the environment variable covers the Ray
     # processes started from here (a local head and its workers).
     os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
