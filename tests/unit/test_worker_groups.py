@@ -1,6 +1,7 @@
 """RayWorkerGroup on a local CPU cluster: env, gloo collectives, dispatch and failure reports."""
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ class GlooWorker:
     def env(self) -> dict[str, str | int]:
         env = {key: os.environ[key] for key in (*ENV_KEYS, "OMP_NUM_THREADS")}
         env["torch_threads"] = torch.get_num_threads()
+        env["python"] = sys.executable
         return env
 
     def all_reduce(self, *, value: int) -> int:
@@ -69,6 +71,8 @@ def test_env_threads_and_cpu_mode(gloo_group: RayWorkerGroup) -> None:
         assert env["MASTER_ADDR"] == gloo_group.bundles[0].node_ip
         assert env["OMP_NUM_THREADS"] == "1" and env["torch_threads"] == 1
     assert [env["LOCAL_RANK"] for env in envs] == ["0", "1"]
+    # The driver's interpreter, not one Ray's `uv run` hook would build (see init_ray).
+    assert {env["python"] for env in envs} == {sys.executable}
     assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
 
 
