@@ -126,6 +126,8 @@ class BatchedDataDict(dict):
                 f"BatchedDataDict: batch_size={batch_size} must be positive and divide the "
                 f"number of rows ({self.size})"
             )
+        if self.size == 0:
+            return self._split_balanced(num_shards)
         chunks = [
             self.slice(start, start + batch_size) for start in range(0, self.size, batch_size)
         ]

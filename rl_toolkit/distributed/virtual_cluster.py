@@ -83,7 +83,8 @@ def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None
     """Connect to Ray: attach to a running cluster if there is one, else start a local one.
 
     A running cluster is the one in RAY_ADDRESS, or else the last head started on this machine
-    with `ray start --head` (what `ray.init()` finds). Workers get the driver's environment
+    with `ray start --head` (what `ray.init()` finds). Does nothing if this process is already
+    connected to Ray. Workers get the driver's environment
     variables (minus per-process ones such as RANK or CUDA_VISIBLE_DEVICES) and the driver's
     Python interpreter; the dashboard is off.
 
@@ -94,6 +95,10 @@ def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None
         num_cpus: CPUs of a newly started local cluster (default: all cores; tests ask for more
             than the machine has to oversubscribe it); must be None when attaching.
     """
+    if ray.is_initialized():
+        # E.g. a test session's cluster, or a user's own ray.init before calling a recipe.
+        logger.info("Ray is already initialized in this process; init_ray reuses it")
+        return
     _disable_uv_run_worker_env()
     runtime_env = {"env_vars": _worker_env_vars()}
     address = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)

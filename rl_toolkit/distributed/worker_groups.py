@@ -125,6 +125,8 @@ class RayWorkerGroup:
     ) -> None:
         self.worker_cls = worker_cls
         self.bundles = cluster.get_bundles()
+        if not self.bundles:
+            raise ValueError(f"RayWorkerGroup {name_prefix!r}: the cluster has been shut down")
         self.world_size = len(self.bundles)
         self.worker_names = [f"{name_prefix}-{rank}" for rank in range(self.world_size)]
         num_threads = None if cluster.use_gpus else 1

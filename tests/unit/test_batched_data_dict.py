@@ -77,6 +77,12 @@ def test_shard_with_batch_size_interleaves_chunks() -> None:
     assert shards[0]["text"][:2] == ["row0", "row1"]
 
 
+def test_shard_empty_batch_gives_empty_shards() -> None:
+    shards = make_pairs(0).shard_by_batch_size(2, batch_size=4)
+    assert [shard.size for shard in shards] == [0, 0]
+    assert all(shard.group_size == 2 for shard in shards)
+
+
 def test_shard_errors() -> None:
     with pytest.raises(ValueError, match="number of rows"):
         BatchedDataDict(a=torch.zeros(3), group_size=2).shard_by_batch_size(2)

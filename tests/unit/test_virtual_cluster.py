@@ -17,7 +17,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from rl_toolkit.distributed.virtual_cluster import InsufficientResourcesError, RayVirtualCluster
+from rl_toolkit.distributed.virtual_cluster import (
+    InsufficientResourcesError,
+    RayVirtualCluster,
+    init_ray,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +45,14 @@ def test_cpu_fallback_bundles_and_shutdown() -> None:
     assert len(again.get_placement_groups()) == 2  # one group per node entry
     assert again.world_size() == 2
     again.shutdown()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_init_ray_reuses_an_initialized_ray() -> None:
+    node_id, num_cpus = ray.get_runtime_context().get_node_id(), ray.cluster_resources()["CPU"]
+    init_ray(num_cpus=1)  # no error, no new cluster
+    assert ray.get_runtime_context().get_node_id() == node_id
+    assert ray.cluster_resources()["CPU"] == num_cpus
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -124,6 +124,13 @@ def test_failure_surfaces_fast_while_peer_is_blocked(how: str, expected: str) ->
         cluster.shutdown()
 
 
+def test_shut_down_cluster_is_a_value_error() -> None:
+    cluster = RayVirtualCluster([1], use_gpus=False, name="gone")
+    cluster.shutdown()
+    with pytest.raises(ValueError, match="'late': the cluster has been shut down"):
+        RayWorkerGroup(cluster, GlooWorker, name_prefix="late")
+
+
 def test_init_failure_is_a_worker_error() -> None:
     cluster = RayVirtualCluster([1], use_gpus=False, name="broken")
     try:
