@@ -170,11 +170,11 @@ out = {}
 init_ray()  # no RAY_ADDRESS: finds the head recorded by `ray start --head`
 out["recorded"] = [ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"]]
 out["env"] = worker_view()
+ray.shutdown()
 try:
     init_ray(num_cpus=2)
 except ValueError as error:
     out["error"] = str(error)
-ray.shutdown()
 os.environ["RAY_ADDRESS"] = out["recorded"][0]
 init_ray()
 out["explicit"] = [ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"]]
