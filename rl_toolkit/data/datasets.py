@@ -134,9 +134,11 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         max_total_sequence_length: the longest allowed prompt + response, in tokens.
         overlong_policy: "drop" or "truncate_prompt" (see tokenization.fit_prompt).
         source: names the split in logs and errors (e.g. "train").
+        task_spec: the dataset's task spec, kept for the recipe (`setup` returns it).
 
     Attributes:
         counts: {"num_rows", "num_pairs", "num_dropped", "num_truncated"}.
+        task_spec: as given.
     """
 
     def __init__(
@@ -147,7 +149,9 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         max_total_sequence_length: int,
         overlong_policy: str,
         source: str,
+        task_spec: TaskDataSpec | None = None,
     ) -> None:
+        self.task_spec = task_spec
         if overlong_policy not in OVERLONG_POLICIES:
             raise ValueError(
                 f"data.overlong_policy={overlong_policy!r}; expected one of {OVERLONG_POLICIES}"
@@ -239,4 +243,5 @@ def tokenize_preference_dataset(
         max_total_sequence_length=max_total_sequence_length,
         overlong_policy=data_config["overlong_policy"],
         source=source,
+        task_spec=task_spec,
     )

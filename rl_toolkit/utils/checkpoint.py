@@ -11,6 +11,7 @@ See docs/checkpointing.md for the layout and the resume modes.
 """
 
 import json
+import logging
 import os
 import random
 import re
@@ -20,6 +21,8 @@ from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
+
+_log = logging.getLogger(__name__)
 
 TRAINING_INFO_FILE = "training_info.json"
 RNG_STATE_FILE = "rng_state.pt"
@@ -233,21 +236,22 @@ class CheckpointManager:
         Args:
             tmp: the folder returned by `begin(step)`, fully written.
             step: the training step of the checkpoint.
-            training_info: JSON-serialisable flat dict (save state and metrics); when
-                `metric_name` is set it must be a key (None or NaN ranks the checkpoint last).
+            training_info: JSON-serialisable flat dict (save state and metrics). A checkpoint
+                whose `metric_name` is missing (e.g. saved before the first validation), None
+                or NaN ranks last; a missing one is reported with the keys that are there.
 
         Returns:
             The path of the complete checkpoint, `run_dir/step_<step>`.
-
-        Raises:
-            ValueError: `metric_name` is not a key of `training_info`.
         """
         assert tmp == self.run_dir / f"{_TMP_PREFIX}step_{step}", f"{tmp} is not from begin({step})"
         metric_name = self.config["metric_name"]
         if metric_name is not None and metric_name not in training_info:
-            raise ValueError(
-                f"checkpointing.metric_name {metric_name!r} is not in the training info of step "
-                f"{step}; available keys: {sorted(training_info)}"
+            _log.warning(
+                "checkpointing.metric_name %r is not in the training info of step %d (keys: %s); "
+                "this checkpoint ranks last for retention",
+                metric_name,
+                step,
+                ", ".join(sorted(training_info)),
             )
         with open(tmp / TRAINING_INFO_FILE, "w") as f:
             json.dump(training_info, f, indent=2)
@@ -283,7 +287,7 @@ class CheckpointManager:
         else:
             ranked = sorted(
                 (path for _, path in reversed(checkpoints)),
-                key=lambda p: self._rank_key(self.load_training_info(p)[metric_name]),
+                key=lambda p: self._rank_key(self.load_training_info(p).get(metric_name)),
             )
         keep = set(ranked[:keep_top_k]) | {checkpoints[-1][1]}
         return [path for _, path in checkpoints if path not in keep]

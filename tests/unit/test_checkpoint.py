@@ -174,11 +174,16 @@ def test_retention_without_metric_keeps_latest_k(tmp_path):
     assert steps_in(tmp_path) == [3, 4]
 
 
-def test_missing_metric_key_is_a_clear_error(tmp_path):
-    manager = CheckpointManager(make_config(tmp_path, keep_top_k=1, metric_name="val_acc"))
-    with pytest.raises(ValueError, match="val_acc"):
-        save(manager, 1, val_loss=0.1)
-    assert steps_in(tmp_path) == []
+def test_missing_metric_ranks_last_and_is_reported(tmp_path, caplog):
+    # A checkpoint saved before the first validation has no val_loss yet.
+    manager = CheckpointManager(make_config(tmp_path, keep_top_k=1, metric_name="val_loss"))
+    save(manager, 1, val_loss=0.5)
+    with caplog.at_level("WARNING"):
+        save(manager, 2)
+    assert "'val_loss' is not in the training info of step 2" in caplog.text
+    save(manager, 3, val_loss=0.9)
+    # step 1 is the best by val_loss, step 3 the latest; step 2 (no metric) goes.
+    assert steps_in(tmp_path) == [1, 3]
 
 
 def test_bad_keep_top_k_is_refused(tmp_path):

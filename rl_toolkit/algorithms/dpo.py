@@ -1,0 +1,430 @@
+"""Direct Preference Optimization: the recipe, read top to bottom.
+
+    setup()                      logger, checkpoints (and the state to resume from), data loaders,
+                                 cluster, policy, loss
+    dpo_train()                  for each batch: reference log-probs -> policy.train -> (sync the
+                                 reference) -> validate every val_period -> checkpoint every
+                                 save_period and at the end -> log
+
+The policy is reached only through the `Policy` facade; this module imports neither Ray nor
+torch.distributed. Batch sizes in the config count sequences, as the policy does: a batch of B
+preference pairs is 2B sequences (chosen and rejected interleaved), so every batch size is even.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NotRequired, TypedDict
+
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from rl_toolkit.algorithms.loss_functions import DPOLossConfig, DPOLossFn
+from rl_toolkit.data import DataConfig, TaskDataSpec, build_dataloader, pad_batch_to
+from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
+from rl_toolkit.distributed.virtual_cluster import ClusterConfig, RayVirtualCluster
+from rl_toolkit.models.policy import PolicyConfig
+from rl_toolkit.models.policy.lm_policy import Policy
+from rl_toolkit.utils.checkpoint import (
+    CheckpointingConfig,
+    CheckpointManager,
+    load_dataloader_state,
+    load_rng_state,
+    save_dataloader_state,
+    save_rng_state,
+)
+from rl_toolkit.utils.config import save_config
+from rl_toolkit.utils.logger import Logger, LoggerConfig
+from rl_toolkit.utils.timer import Timer, tokens_per_second
+
+
+class DPOSaveState(TypedDict):
+    """Where training stands; saved in every checkpoint's training_info.json."""
+
+    epoch: int  # the epoch in progress (0-based)
+    step: int  # steps done within that epoch
+    total_steps: int  # steps done in all
+    val_loss: NotRequired[float]  # the last validation loss, once validation has run
+    consumed_samples: int  # preference pairs trained on
+
+
+def _default_dpo_save_state() -> DPOSaveState:
+    return {"epoch": 0, "step": 0, "total_steps": 0, "consumed_samples": 0}
+
+
+class DPOConfig(DPOLossConfig):
+    """The `dpo` section: the loop (below) plus the loss keys of DPOLossConfig.
+
+    max_num_epochs / max_num_steps: training stops at whichever comes first.
+    val_period: validate every this many steps (0: never, except at start and end).
+    val_batches: validation batches per validation (0: the whole validation set).
+    val_global_batch_size / val_micro_batch_size: sequences (2 per pair) per validation batch /
+        micro-batch.
+    val_at_start: validate before the first step.
+    seed: seeds Python, NumPy, torch and the data order.
+    sync_ref_model / ref_model_sync_steps / ref_model_mixup_alpha: TR-DPO; every
+        ref_model_sync_steps steps, reference <- alpha * policy + (1 - alpha) * reference.
+    """
+
+    max_num_epochs: int
+    max_num_steps: int
+    val_period: int
+    val_batches: int
+    val_global_batch_size: int
+    val_micro_batch_size: int
+    val_at_start: bool
+    seed: int
+    sync_ref_model: bool
+    ref_model_sync_steps: int
+    ref_model_mixup_alpha: float
+
+
+class MasterConfig(TypedDict):
+    policy: PolicyConfig
+    data: DataConfig
+    dpo: DPOConfig
+    logger: LoggerConfig
+    cluster: ClusterConfig
+    checkpointing: CheckpointingConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup(
+    master_config: MasterConfig,
+    tokenizer: Any,
+    train_dataset: torch.utils.data.Dataset,
+    val_dataset: torch.utils.data.Dataset,
+) -> tuple[
+    Policy,
+    RayVirtualCluster,
+    StatefulDataLoader,
+    StatefulDataLoader,
+    DPOLossFn,
+    MasterConfig,
+    Logger,
+    TaskDataSpec,
+    DPOSaveState,
+]:
+    """Build everything `dpo_train` needs, resuming from the last checkpoint when asked.
+
+    Everything that can fail on a user mistake (the loss parameters, the checkpoint to resume
+    from) is checked before the cluster and the workers start.
+    """
+    policy_config, dpo_config = master_config["policy"], master_config["dpo"]
+    set_seed(dpo_config["seed"])
+    loss_fn = DPOLossFn(dpo_config)
+    _check_batch_sizes(master_config)
+
+    checkpointer = CheckpointManager(master_config["checkpointing"])
+    # With resume=never the run may go to a new folder: record it, so that the config saved in
+    # each checkpoint, and a CheckpointManager built from the returned config, name that folder.
+    master_config["checkpointing"]["checkpoint_dir"] = str(checkpointer.run_dir)
+    resume_path = checkpointer.resume_path
+    dpo_save_state = _default_dpo_save_state()
+    if resume_path is not None:
+        dpo_save_state = _save_state_from(checkpointer.load_training_info(resume_path))
+
+    data_config = master_config["data"]
+    train_dataloader = build_dataloader(
+        train_dataset,
+        tokenizer,
+        data_config,
+        num_pairs=policy_config["train_global_batch_size"] // 2,
+        shuffle=data_config["shuffle"],
+        seed=dpo_config["seed"],
+        drop_last=True,
+    )
+    val_dataloader = build_dataloader(
+        val_dataset,
+        tokenizer,
+        data_config,
+        num_pairs=dpo_config["val_global_batch_size"] // 2,
+        shuffle=False,
+        seed=dpo_config["seed"],
+        drop_last=False,
+    )
+    if resume_path is not None:
+        train_dataloader.load_state_dict(load_dataloader_state(resume_path))
+        load_rng_state(resume_path)
+
+    logger = Logger(master_config["logger"])
+    logger.log_hyperparams(master_config)
+    cluster = RayVirtualCluster(
+        [master_config["cluster"]["gpus_per_node"]] * master_config["cluster"]["num_nodes"],
+        use_gpus=True,  # falls back to CPU bundles when the Ray cluster has no GPUs
+        num_gpus_per_node=master_config["cluster"]["gpus_per_node"],
+        name="dpo_policy",
+        max_colocated_worker_groups=1,
+    )
+    policy = Policy(
+        cluster,
+        policy_config,
+        tokenizer,
+        init_optimizer=True,
+        init_reference_model=not dpo_config["reference_free"],
+        weights_path=_policy_paths(resume_path)["weights_path"] if resume_path else None,
+        optimizer_path=_policy_paths(resume_path)["optimizer_path"] if resume_path else None,
+    )
+    task_spec = train_dataset.task_spec
+    return (
+        policy,
+        cluster,
+        train_dataloader,
+        val_dataloader,
+        loss_fn,
+        master_config,
+        logger,
+        task_spec,
+        dpo_save_state,
+    )
+
+
+def _check_batch_sizes(master_config: MasterConfig) -> None:
+    sizes = {
+        "policy.train_global_batch_size": master_config["policy"]["train_global_batch_size"],
+        "policy.train_micro_batch_size": master_config["policy"]["train_micro_batch_size"],
+        "dpo.val_global_batch_size": master_config["dpo"]["val_global_batch_size"],
+        "dpo.val_micro_batch_size": master_config["dpo"]["val_micro_batch_size"],
+    }
+    for key, size in sizes.items():
+        if size < 2 or size % 2:
+            raise ValueError(
+                f"{key} counts sequences, two per preference pair: it must be even and >= 2, "
+                f"got {size}"
+            )
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _save_state_from(training_info: dict[str, Any]) -> DPOSaveState:
+    keys = DPOSaveState.__annotations__
+    return {k: v for k, v in training_info.items() if k in keys}  # type: ignore[return-value]
+
+
+def _policy_paths(checkpoint: Path) -> dict[str, Path]:
+    return {
+        "weights_path": checkpoint / "policy" / "weights",
+        "optimizer_path": checkpoint / "policy" / "optimizer",
+        "tokenizer_path": checkpoint / "policy" / "tokenizer",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference log-probs and validation
+
+
+def add_ref_logprobs_to_data(
+    dataloader: Iterable[BatchedDataDict],
+    policy: Policy,
+    master_config: MasterConfig,
+    is_val: bool = False,
+) -> Iterator[BatchedDataDict]:
+    """Yield each batch with `reference_policy_logprobs` `[2B, T]` added (unless reference-free).
+
+    A partial validation batch is first padded with masked pairs to the full validation batch
+    size, so every worker gets the same number of pairs and nothing is dropped.
+    """
+    dpo_config = master_config["dpo"]
+    for batch in dataloader:
+        if is_val:
+            batch = pad_batch_to(batch, dpo_config["val_global_batch_size"] // 2)
+        if not dpo_config["reference_free"]:
+            reference = policy.get_reference_policy_logprobs(batch)
+            batch["reference_policy_logprobs"] = reference["reference_logprobs"]
+        yield batch
+
+
+def validate(
+    policy: Policy,
+    val_dataloader: StatefulDataLoader,
+    tokenizer: Any,
+    loss_fn: DPOLossFn,
+    step: int,
+    master_config: MasterConfig,
+    val_batches: int,
+    val_batch_size: int,
+    val_mbs: int,
+) -> dict[str, float]:
+    """The loss and metrics on `val_batches` validation batches (all when 0), in eval mode.
+
+    Returns means over the valid pairs of all batches: each batch's metrics are global-batch
+    means, so they are weighted by the batch's number of valid pairs.
+    """
+    totals: dict[str, float] = {}
+    num_pairs = 0
+    batches = add_ref_logprobs_to_data(val_dataloader, policy, master_config, is_val=True)
+    for i, batch in enumerate(batches):
+        if val_batches > 0 and i >= val_batches:
+            break
+        metrics = policy.train(batch, loss_fn, eval_mode=True, gbs=val_batch_size, mbs=val_mbs)
+        weight = metrics["num_valid_samples"]
+        num_pairs += weight
+        for key, value in metrics.items():
+            if key in (
+                "num_valid_samples",
+                "num_valid_seqs",
+                "num_valid_tokens",
+                "global_num_tokens",
+            ):
+                continue
+            totals[key] = totals.get(key, 0.0) + value * weight
+    assert num_pairs > 0, f"validation at step {step} saw no valid pairs"
+    return {**{k: v / num_pairs for k, v in totals.items()}, "num_valid_samples": num_pairs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def dpo_train(
+    policy: Policy,
+    train_dataloader: StatefulDataLoader,
+    val_dataloader: StatefulDataLoader,
+    tokenizer: Any,
+    loss_fn: DPOLossFn,
+    master_config: MasterConfig,
+    logger: Logger,
+    checkpointer: CheckpointManager,
+    dpo_save_state: DPOSaveState,
+) -> DPOSaveState:
+    """Train until `max_num_epochs` or `max_num_steps`, validating, checkpointing and logging.
+
+    Returns the final save state.
+    """
+    dpo_config = master_config["dpo"]
+    state = dpo_save_state
+    timer = Timer()
+    steps_per_epoch = len(train_dataloader)
+    total_steps = min(dpo_config["max_num_steps"], dpo_config["max_num_epochs"] * steps_per_epoch)
+    if dpo_config["val_at_start"] and state["total_steps"] == 0:
+        _run_validation(
+            policy, val_dataloader, tokenizer, loss_fn, master_config, logger, state, timer
+        )
+        logger.log_metrics(timer.pop_totals(), 0, prefix="timing")
+
+    logger.start_progress(total_steps, initial=state["total_steps"])
+    while state["total_steps"] < total_steps:
+        for batch in _timed(
+            add_ref_logprobs_to_data(train_dataloader, policy, master_config), timer
+        ):
+            with timer.time("training"):
+                metrics = policy.train(batch, loss_fn)
+            state["step"] += 1
+            state["total_steps"] += 1
+            state["consumed_samples"] += metrics["num_valid_samples"]
+            if state["step"] == steps_per_epoch:
+                state["epoch"], state["step"] = state["epoch"] + 1, 0
+            _maybe_sync_reference(policy, dpo_config, state["total_steps"])
+
+            is_last = state["total_steps"] >= total_steps
+            val_period = dpo_config["val_period"]
+            if is_last or (val_period > 0 and state["total_steps"] % val_period == 0):
+                _run_validation(
+                    policy, val_dataloader, tokenizer, loss_fn, master_config, logger, state, timer
+                )
+            save_period = master_config["checkpointing"]["save_period"]
+            if checkpointer.enabled and (is_last or state["total_steps"] % save_period == 0):
+                with timer.time("checkpoint"):
+                    _save_checkpoint(policy, checkpointer, train_dataloader, state, master_config)
+            _log_step(logger, metrics, timer, state["total_steps"])
+            if is_last:
+                break
+    logger.close()
+    return state
+
+
+def _timed(batches: Iterator[BatchedDataDict], timer: Timer) -> Iterator[BatchedDataDict]:
+    """Time the loading and reference log-probs of each batch as one phase."""
+    while True:
+        with timer.time("reference_logprobs"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def _maybe_sync_reference(policy: Policy, dpo_config: DPOConfig, total_steps: int) -> None:
+    if dpo_config["sync_ref_model"] and total_steps % dpo_config["ref_model_sync_steps"] == 0:
+        policy.update_reference_model(dpo_config["ref_model_mixup_alpha"])
+
+
+def _run_validation(
+    policy: Policy,
+    val_dataloader: StatefulDataLoader,
+    tokenizer: Any,
+    loss_fn: DPOLossFn,
+    master_config: MasterConfig,
+    logger: Logger,
+    state: DPOSaveState,
+    timer: Timer,
+) -> None:
+    dpo_config = master_config["dpo"]
+    with timer.time("validation"):
+        metrics = validate(
+            policy,
+            val_dataloader,
+            tokenizer,
+            loss_fn,
+            state["total_steps"],
+            master_config,
+            val_batches=dpo_config["val_batches"],
+            val_batch_size=dpo_config["val_global_batch_size"],
+            val_mbs=dpo_config["val_micro_batch_size"],
+        )
+    state["val_loss"] = metrics["loss"]
+    logger.log_metrics(metrics, state["total_steps"], prefix="validation")
+    logger.print_metrics(_main_metrics(metrics), state["total_steps"], prefix="validation")
+
+
+def _save_checkpoint(
+    policy: Policy,
+    checkpointer: CheckpointManager,
+    train_dataloader: StatefulDataLoader,
+    state: DPOSaveState,
+    master_config: MasterConfig,
+) -> None:
+    """Write weights, optimizer, data-loader and RNG state, and the config; then finalize."""
+    tmp = checkpointer.begin(state["total_steps"])
+    paths = _policy_paths(tmp)
+    policy.save_checkpoint(**paths)
+    if master_config["checkpointing"]["save_hf"]:
+        policy.export_hf(tmp / "hf")
+    save_dataloader_state(tmp, train_dataloader.state_dict())
+    save_rng_state(tmp)
+    save_config(master_config, tmp / "config.yaml")
+    checkpointer.finalize(tmp, state["total_steps"], dict(state))
+
+
+# What the console shows; every metric goes to metrics.jsonl, TensorBoard and wandb.
+_CONSOLE_METRICS = (
+    "loss",
+    "accuracy",
+    "reward_margin_mean",
+    "grad_norm",
+    "lr",
+    "tokens_per_second",
+)
+
+
+def _main_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics[k] for k in _CONSOLE_METRICS if k in metrics}
+
+
+def _log_step(logger: Logger, metrics: dict[str, Any], timer: Timer, step: int) -> None:
+    timing = timer.pop_totals()
+    timing["tokens_per_second"] = tokens_per_second(
+        metrics["global_num_tokens"], timing["training"]
+    )
+    logger.log_metrics(metrics, step, prefix="train")
+    logger.log_metrics(timing, step, prefix="timing")
+    logger.update_progress(step, _main_metrics({**metrics, **timing}))
