@@ -134,21 +134,24 @@ class RayWorkerGroup:
             _RemoteWorkerActor.options(**self._actor_options(cluster, bundle, num_threads)).remote()
             for bundle in self.bundles
         ]
+        try:
+            self._build_workers(worker_kwargs or {}, num_threads)
+        except WorkerError:
+            self.shutdown()  # the others may be blocked in init_process_group
+            raise
+
+    def _build_workers(self, worker_kwargs: dict[str, Any], num_threads: int | None) -> None:
         # The port is asked of the rank-0 actor: it must be free on the rank-0 node.
         master_port = self.get_results(
             [WorkerFuture(0, "find_free_port", self._actors[0].find_free_port.remote())]
         )[0]
-        build_args = (worker_cls, worker_kwargs or {})
         envs = _rank_env(self.bundles, master_port)
+        build_args = (self.worker_cls, worker_kwargs)
         futures = [
             WorkerFuture(rank, "__init__", actor.build_worker.remote(*build_args, env, num_threads))
             for rank, (actor, env) in enumerate(zip(self._actors, envs, strict=True))
         ]
-        try:
-            self.get_results(futures)
-        except WorkerError:
-            self.shutdown()  # the others may be blocked in init_process_group
-            raise
+        self.get_results(futures)
 
     @staticmethod
     def _actor_options(
