@@ -16,8 +16,8 @@ from rl_toolkit.utils.hf import check_model_path, get_tokenizer
 
 
 def main(config: MasterConfig) -> None:
+    # Everything a user can get wrong is checked before any worker starts (ValueError).
     try:
-        # Everything a user can get wrong is checked here, before Ray or any worker starts.
         check_model_path(config["policy"]["model_name"])
         tokenizer = get_tokenizer(config["policy"]["tokenizer"])
         dataset = load_preference_dataset(config["data"])
@@ -31,13 +31,13 @@ def main(config: MasterConfig) -> None:
             )
             for split in ("train", "validation")
         )
+        init_ray()
+        policy, cluster, train_dl, val_dl, loss_fn, config, logger, _, save_state = setup(
+            config, tokenizer, train_dataset, val_dataset
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
-    init_ray()
-    policy, cluster, train_dl, val_dl, loss_fn, config, logger, _, save_state = setup(
-        config, tokenizer, train_dataset, val_dataset
-    )
     checkpointer = CheckpointManager(config["checkpointing"])
     try:
         dpo_train(

@@ -129,6 +129,7 @@ def setup(
     dpo_save_state = _default_dpo_save_state()
     if resume_path is not None:
         dpo_save_state = _save_state_from(checkpointer.load_training_info(resume_path))
+        print(f"Resuming from {resume_path} (step {dpo_save_state['total_steps']})")
 
     data_config = master_config["data"]
     train_dataloader = build_dataloader(
@@ -312,6 +313,12 @@ def dpo_train(
         )
         logger.log_metrics(timer.pop_totals(), 0, prefix="timing")
 
+    if state["total_steps"] >= total_steps:
+        print(
+            f"Training is already complete at step {state['total_steps']} of {total_steps}; "
+            "raise dpo.max_num_steps / dpo.max_num_epochs to go on, or start afresh with "
+            "checkpointing.resume=never"
+        )
     logger.start_progress(total_steps, initial=state["total_steps"])
     while state["total_steps"] < total_steps:
         for batch in _timed(
