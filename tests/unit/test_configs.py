@@ -1,0 +1,55 @@
+"""The shipped configs load and validate against MasterConfig (nothing is downloaded)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from rl_toolkit.algorithms.dpo import MasterConfig
+from rl_toolkit.algorithms.loss_functions import validate_dpo_loss_config
+from rl_toolkit.utils.config import load_config, load_yaml_with_defaults
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RECIPES = sorted((CONFIGS / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [CONFIGS / "dpo.yaml", *RECIPES], ids=lambda p: p.name)
+def test_config_validates(path: Path) -> None:
+    config = load_config(path, schema=MasterConfig)
+    validate_dpo_loss_config(config["dpo"])
+    assert config["policy"]["train_global_batch_size"] % 2 == 0
+
+
+def test_every_default_is_commented() -> None:
+    # Every key with a value says what it is; the scheduler entries are explained above the list.
+    lines = (CONFIGS / "dpo.yaml").read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if re.match(r"^\s*[a-z_]+: \S", line) and not re.match(
+            r"^\s+(- )?(name|kwargs|start_factor|end_factor|total_iters|factor|milestones):", line
+        ):
+            assert "#" in line, f"configs/dpo.yaml:{number} has no comment: {line.strip()}"
+
+
+def test_recipes_only_set_keys_the_base_has() -> None:
+    base = set(load_yaml_with_defaults(CONFIGS / "dpo.yaml").sources)
+    for recipe in RECIPES:
+        keys = set(load_yaml_with_defaults(recipe).sources)
+        assert keys <= base | {k for k in keys if k.startswith("policy.scheduler")}, recipe
+
+
+def test_recipes_inherit_and_use_gpus() -> None:
+    for recipe in RECIPES:
+        assert recipe.read_text().splitlines()[-1]  # not empty
+        config = load_config(recipe, schema=MasterConfig)
+        assert config["policy"]["random_init"] is False
+        assert config["policy"]["precision"] == "bfloat16"
+        assert config["cluster"]["gpus_per_node"] == 8
+
+
+def test_8b_recipe_is_four_nodes() -> None:
+    config = load_config(
+        CONFIGS / "recipes" / "llama3.1_8b_instruct_helpsteer3_4n8g.yaml", schema=MasterConfig
+    )
+    assert config["cluster"]["num_nodes"] == 4
+    assert config["policy"]["model_name"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert config["policy"]["tokenizer"]["name"] == "meta-llama/Llama-3.1-8B-Instruct"
