@@ -347,6 +347,10 @@ def dpo_train(
             if is_last:
                 break
     logger.close()
+    print(
+        f"Done at step {state['total_steps']}: validation loss {state.get('val_loss', float('nan')):.4f}; "
+        f"checkpoints in {checkpointer.run_dir}, metrics in {logger.metrics_path}"
+    )
     return state
 
 
