@@ -112,7 +112,7 @@ def test_reference_stays_initial_through_training_save_and_resume(tiny, two_work
     trained = two_workers.get_logprobs(data)["logprobs"]
     assert not torch.allclose(trained, initial, atol=1e-3)
     reference = two_workers.get_reference_policy_logprobs(data)["reference_logprobs"]
-    torch.testing.assert_close(reference, initial, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference, initial * data["token_mask"], atol=1e-5, rtol=0)
     eval_metrics = two_workers.train(data, token_nll_loss, eval_mode=True)
     torch.testing.assert_close(two_workers.get_logprobs(data)["logprobs"], trained)
     assert "grad_norm" not in eval_metrics
@@ -135,7 +135,7 @@ def test_reference_stays_initial_through_training_save_and_resume(tiny, two_work
         )
         resumed_reference = resumed.policy.get_reference_policy_logprobs(data)
         torch.testing.assert_close(
-            resumed_reference["reference_logprobs"], initial, atol=1e-5, rtol=0
+            resumed_reference["reference_logprobs"], initial * data["token_mask"], atol=1e-5, rtol=0
         )
         # Optimizer and scheduler resumed too: the next step is the same on both.
         after_resume = resumed.policy.train(data, token_nll_loss, mbs=8)
@@ -157,7 +157,7 @@ def test_reference_sync_and_hf_export(tiny, two_workers, tmp_path):
     two_workers.update_reference_model(mixup_alpha=1.0)
     policy_logprobs = two_workers.get_logprobs(data)["logprobs"]
     reference = two_workers.get_reference_policy_logprobs(data)["reference_logprobs"]
-    torch.testing.assert_close(reference, policy_logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(reference, policy_logprobs * data["token_mask"], atol=1e-6, rtol=0)
 
     two_workers.prepare_for_lp_inference()
     two_workers.prepare_for_training()

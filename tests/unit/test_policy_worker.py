@@ -59,7 +59,8 @@ def test_logprobs_match_the_hf_model(tiny, worker):
 
     expected = naive_logprobs(hf_model, data)
     torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
+    # The reference scores only the response tokens (token_mask), which is all the loss reads.
+    torch.testing.assert_close(reference, expected * data["token_mask"], atol=1e-5, rtol=0)
 
 
 def test_train_step_changes_weights_and_reports_global_metrics(worker):
@@ -99,7 +100,10 @@ def test_reference_stays_initial_and_mixes_in_the_policy(tiny, worker):
         worker.train(data, token_nll_loss)
     assert worker.reference is not None and not worker.reference.synced
     torch.testing.assert_close(
-        worker.get_reference_policy_logprobs(data)["reference_logprobs"], initial, atol=1e-5, rtol=0
+        worker.get_reference_policy_logprobs(data)["reference_logprobs"],
+        initial * data["token_mask"],
+        atol=1e-5,
+        rtol=0,
     )
 
     worker.update_reference_model(mixup_alpha=1.0)
@@ -107,7 +111,10 @@ def test_reference_stays_initial_and_mixes_in_the_policy(tiny, worker):
     policy = worker.get_logprobs(data)["logprobs"]
     assert not torch.allclose(policy, initial, atol=1e-3)
     torch.testing.assert_close(
-        worker.get_reference_policy_logprobs(data)["reference_logprobs"], policy, atol=1e-6, rtol=0
+        worker.get_reference_policy_logprobs(data)["reference_logprobs"],
+        policy * data["token_mask"],
+        atol=1e-6,
+        rtol=0,
     )
 
 

@@ -22,6 +22,14 @@ class FSDPConfig(TypedDict):
     reshard_after_forward: bool  # free gathered layer weights after forward (ZeRO-3) or keep them
 
 
+class SequencePackingConfig(TypedDict):
+    """Padding-free micro-batches (docs/guides/dpo.md, "Sequence packing")."""
+
+    enabled: bool  # pack whole pairs into one row per micro-batch, cut by the token budgets
+    train_mb_tokens: int  # real tokens per training micro-batch (replaces train_micro_batch_size)
+    logprob_mb_tokens: int  # real tokens per log-prob forward (replaces logprob_batch_size)
+
+
 class OptimizerConfig(TypedDict):
     name: str  # class path, e.g. "torch.optim.AdamW"
     kwargs: dict[str, Any]  # passed to the constructor, e.g. {lr: 1.0e-6, weight_decay: 0.01}
@@ -50,6 +58,7 @@ class PolicyConfig(TypedDict):
     logprob_batch_size: int  # sequences per forward when computing log-probs
     max_total_sequence_length: int  # longest row (prompt + response) accepted
     logprob_chunk_size: int  # tokens whose full-vocabulary logits exist at once
+    sequence_packing: SequencePackingConfig
     fsdp: FSDPConfig
     optimizer: OptimizerConfig
     scheduler: list[SchedulerConfig]

@@ -41,7 +41,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.models.policy import PolicyConfig, SchedulerConfig
-from rl_toolkit.models.policy.logprobs import chunked_next_token_logprobs
+from rl_toolkit.models.policy.logprobs import selected_token_logprobs
+from rl_toolkit.models.policy.packing import pack_rows, token_budget_groups
 
 # loss, metrics = loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks)
 LossFn = Callable[
@@ -75,17 +76,33 @@ class LogprobModel(nn.Module):
         self.causal_lm = causal_lm
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, input_lengths: torch.Tensor) -> torch.Tensor:
-        """Args: input_ids ``[b, T]``, input_lengths ``[b]``. Returns: log-probs ``[b, T]``."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        attention_mask = (positions[None, :] < input_lengths[:, None]).long()  # (b, T)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        target_index: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-probs of the tokens at ``target_index``, each given the tokens before it.
+
+        Args:
+            input_ids: ``[b, T]`` padded rows, or one packed row ``[1, L]``.
+            target_index: ``[n]`` flat positions in ``input_ids.view(-1)`` to score.
+            attention_mask: ``[b, T]`` 1 on real tokens (padded rows); None for a packed row.
+            position_ids: ``[1, L]`` restarting at 0 for every sequence (packed row); None for
+                padded rows.
+
+        Returns:
+            ``[n]`` float32 log-probs.
+        """
         hidden = self.causal_lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         ).last_hidden_state  # (b, T, H)
         weight = self.causal_lm.get_output_embeddings().weight  # (V, H)
-        return chunked_next_token_logprobs(
-            hidden, weight, input_ids, input_lengths, self.chunk_size
-        )
+        return selected_token_logprobs(hidden, weight, input_ids, target_index, self.chunk_size)
 
 
 class FSDP2PolicyWorker:
@@ -141,50 +158,87 @@ class FSDP2PolicyWorker:
         Returns:
             ``{"logprobs": [N, T]}`` float32 on CPU, in the convention of docs/design.md.
         """
-        return BatchedDataDict(
-            {"logprobs": self._inference_logprobs(data)}, group_size=data.group_size
-        )
+        logprobs = self._inference_logprobs(data, response_only=False)
+        return BatchedDataDict({"logprobs": logprobs}, group_size=data.group_size)
 
     def get_reference_policy_logprobs(self, data: BatchedDataDict) -> BatchedDataDict:
-        """Like ``get_logprobs`` but with the reference weights.
+        """Like ``get_logprobs`` with the reference weights, scoring only what the loss reads.
+
+        When ``data`` has a ``token_mask`` (the preference batch), only the response tokens are
+        scored and every other position is 0.0: the loss reads nothing else.
 
         Returns:
             ``{"reference_logprobs": [N, T]}`` float32 on CPU.
         """
         assert self.reference is not None, "built with init_reference_model=False"
         with self.reference.in_model(self.model):
-            logprobs = self._inference_logprobs(data)
+            logprobs = self._inference_logprobs(data, response_only="token_mask" in data)
         return BatchedDataDict({"reference_logprobs": logprobs}, group_size=data.group_size)
 
-    def _inference_logprobs(self, data: BatchedDataDict) -> torch.Tensor:
+    def _inference_logprobs(self, data: BatchedDataDict, response_only: bool) -> torch.Tensor:
         # FSDP2 forwards are collective, so every worker runs as many micro-batches as the
-        # worker with the most rows; the extra ones run on a dummy row and are dropped.
-        batch_size = self.cfg["logprob_batch_size"]
-        num_local = -(-data.size // batch_size)
-        num_steps = torch.tensor(num_local, device=self.device)
-        dist.all_reduce(num_steps, op=dist.ReduceOp.MAX)
-        micro_batches = iter(data.make_microbatch_iterator(batch_size))
+        # worker with the most; the extra ones run on a dummy row and are dropped.
+        micro_batch_rows = self._micro_batch_rows(
+            data, self.cfg["logprob_batch_size"], self.cfg["sequence_packing"]["logprob_mb_tokens"]
+        )
+        num_steps = self._max_over_workers(len(micro_batch_rows))
+        logprobs = torch.zeros(data["input_ids"].shape)  # (N, T)
         self.model.eval()
-        outputs = []
         with torch.no_grad():
-            for step in range(int(num_steps)):
-                if step < num_local:
-                    micro_batch = next(micro_batches).to(self.device)
-                    outputs.append(self._forward(micro_batch).cpu())
+            for step in range(num_steps):
+                if step < len(micro_batch_rows):
+                    rows = micro_batch_rows[step]
+                    micro_batch = data.select_indices(rows).to(self.device)
+                    logprobs[rows] = self._forward(micro_batch, response_only).cpu()
                 else:
-                    self._forward(_dummy_micro_batch(self.device))
+                    self._forward(_dummy_micro_batch(self.device), response_only=False)
         _reshard_all(self.model)
-        seq_len = data["input_ids"].shape[1]
-        return torch.cat(outputs) if outputs else torch.zeros(0, seq_len)
+        return logprobs
 
-    def _forward(self, micro_batch: BatchedDataDict) -> torch.Tensor:
+    def _micro_batch_rows(
+        self, data: BatchedDataDict, max_rows: int, max_tokens: int
+    ) -> list[torch.Tensor]:
+        """Row indices of each micro-batch: whole groups within a token budget when packing
+        (``policy.sequence_packing``), else ``max_rows`` consecutive rows."""
+        if self.cfg["sequence_packing"]["enabled"]:
+            lengths = data["input_lengths"].cpu()
+            return token_budget_groups(lengths, data.group_size, max_tokens)
+        return [
+            torch.arange(start, min(start + max_rows, data.size))
+            for start in range(0, data.size, max_rows)
+        ]
+
+    def _max_over_workers(self, value: int) -> int:
+        tensor = torch.tensor(value, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor)
+
+    def _forward(self, micro_batch: BatchedDataDict, response_only: bool) -> torch.Tensor:
+        """Log-probs ``[b, T]`` of a micro-batch, packed into one row when packing is on.
+
+        Only positions ``1 <= t < input_lengths`` are scored, and with ``response_only`` only
+        those where ``token_mask`` is set; every other position is 0.0.
+        """
         input_ids, input_lengths = micro_batch["input_ids"], micro_batch["input_lengths"]
-        if input_ids.shape[1] > self.cfg["max_total_sequence_length"]:
+        seq_len = input_ids.shape[1]
+        if seq_len > self.cfg["max_total_sequence_length"]:
             raise ValueError(
-                f"batch has sequence length {input_ids.shape[1]} > "
+                f"batch has sequence length {seq_len} > "
                 f"policy.max_total_sequence_length={self.cfg['max_total_sequence_length']}"
             )
-        return self.model(input_ids, input_lengths)  # (b, T)
+        positions = torch.arange(seq_len, device=input_ids.device)
+        scored = (positions[None, :] >= 1) & (positions[None, :] < input_lengths[:, None])
+        if response_only:
+            scored &= micro_batch["token_mask"] > 0  # (b, T)
+        rows, cols = scored.nonzero(as_tuple=True)  # (n,), (n,)
+        if self.cfg["sequence_packing"]["enabled"]:
+            packed_ids, position_ids, row_starts = pack_rows(input_ids, input_lengths)
+            flat = self.model(packed_ids, row_starts[rows] + cols, position_ids=position_ids)
+        else:
+            attention_mask = (positions[None, :] < input_lengths[:, None]).long()  # (b, T)
+            flat = self.model(input_ids, rows * seq_len + cols, attention_mask=attention_mask)
+        logprobs = torch.zeros(scored.shape, dtype=flat.dtype, device=flat.device)
+        return logprobs.index_put((rows, cols), flat)  # (b, T), differentiable
 
     # ----- training -----
 
@@ -221,9 +275,17 @@ class FSDP2PolicyWorker:
         counts = self._global_counts(data)
         self.model.train(not eval_mode)
         sums: dict[str, torch.Tensor] = {}
+        micro_batch_rows = self._micro_batch_rows(
+            data, mbs, self.cfg["sequence_packing"]["train_mb_tokens"]
+        )
+        num_steps = self._max_over_workers(len(micro_batch_rows))
         with torch.set_grad_enabled(not eval_mode):
-            for micro_batch in data.make_microbatch_iterator(mbs):
-                logprobs = self._forward(micro_batch)  # (b, T)
+            for step in range(num_steps):
+                if step >= len(micro_batch_rows):
+                    self._dummy_step(eval_mode)  # keeps FSDP2's collectives in step
+                    continue
+                micro_batch = data.select_indices(micro_batch_rows[step])
+                logprobs = self._forward(micro_batch, response_only=True)  # (b, T)
                 loss, metrics = loss_fn(
                     logprobs, micro_batch, counts["num_valid_seqs"], counts["num_valid_tokens"]
                 )
@@ -238,6 +300,11 @@ class FSDP2PolicyWorker:
         else:
             results |= self._optimizer_step()
         return results | {key: float(value) for key, value in counts.items()}
+
+    def _dummy_step(self, eval_mode: bool) -> None:
+        logprobs = self._forward(_dummy_micro_batch(self.device), response_only=False)
+        if not eval_mode:
+            (logprobs.sum() * 0.0).backward()  # zero gradients, but every reduce-scatter runs
 
     def _check_train_batch(self, data: BatchedDataDict, gbs: int, mbs: int) -> None:
         rows_per_worker = gbs // self.world_size

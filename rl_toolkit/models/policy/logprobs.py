@@ -98,3 +98,33 @@ def chunked_next_token_logprobs(
         positions[None, :] < input_lengths[:, None].to(hidden.device)
     )
     return torch.where(valid, logprobs, torch.zeros_like(logprobs))
+
+
+def selected_token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    target_index: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Log-probs of the tokens at ``target_index`` only, each given the tokens before it.
+
+    The token at flat position ``k`` of ``input_ids.view(-1)`` is predicted from the hidden state
+    at ``k - 1``; only the listed tokens go through ``lm_head`` (e.g. the response tokens), chunk
+    by chunk, so prompt and padding positions cost no vocabulary projection at all.
+
+    Args:
+        hidden: final hidden states (after the last norm), ``[b, T, H]``.
+        lm_head_weight: output projection, ``[V, H]`` (no bias).
+        input_ids: ``[b, T]`` int64 tokens (a packed row is ``b = 1``).
+        target_index: ``[n]`` int64 flat positions in ``input_ids.view(-1)``, none of them the
+            first token of a sequence.
+        chunk_size: number of tokens whose ``[chunk_size, V]`` logits exist at once.
+
+    Returns:
+        ``[n]`` float32 log-probs, differentiable w.r.t. ``hidden`` and ``lm_head_weight``.
+    """
+    assert chunk_size > 0, "chunk_size must be positive"
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])[target_index - 1]  # (n, H)
+    targets = input_ids.reshape(-1)[target_index]  # (n,)
+    return _ChunkedTokenLogprobs.apply(flat_hidden, lm_head_weight, targets, chunk_size)

@@ -1,0 +1,99 @@
+"""Token-budget micro-batches and padding-free packing: pure functions and the worker's use."""
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
+from rl_toolkit.models.policy.packing import pack_rows, token_budget_groups
+from tests.unit.policy_testing import (
+    make_batch,
+    make_config,
+    make_tokenizer,
+    naive_logprobs,
+    save_tiny_llama,
+    sequence_margin_loss,
+)
+
+
+@pytest.fixture(autouse=True)
+def _leave_process_group() -> Iterator[None]:
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    return path, save_tiny_llama(path)
+
+
+def test_token_budget_groups_keep_pairs_whole_and_in_order():
+    lengths = torch.tensor([3, 4, 5, 5, 2, 2, 20, 1])  # pair tokens: 7, 10, 4, 21
+
+    groups = token_budget_groups(lengths, group_size=2, max_tokens=20)
+
+    # 7 + 10 fit in 20; adding 4 would not; the 21-token pair exceeds the budget on its own.
+    assert [g.tolist() for g in groups] == [[0, 1, 2, 3], [4, 5], [6, 7]]
+    assert token_budget_groups(torch.zeros(0, dtype=torch.long), 2, 20) == []
+    with pytest.raises(ValueError, match="budget"):
+        token_budget_groups(lengths, group_size=2, max_tokens=0)
+
+
+def test_pack_rows_restarts_positions_and_drops_padding():
+    input_ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
+    lengths = torch.tensor([3, 2, 4])
+
+    packed, positions, starts = pack_rows(input_ids, lengths)
+
+    assert packed.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert starts.tolist() == [0, 3, 5]
+
+
+def _worker(path, packing: bool, **budgets: int) -> FSDP2PolicyWorker:
+    # SGD with lr 1: the weight change is the gradient itself (Adam would magnify the float
+    # rounding of near-zero gradient entries).
+    config = make_config(path, optimizer={"name": "torch.optim.SGD", "kwargs": {"lr": 1.0}})
+    config["sequence_packing"] = {**config["sequence_packing"], "enabled": packing, **budgets}
+    return FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
+
+
+def test_packed_logprobs_equal_the_padded_path(tiny):
+    path, hf_model = tiny
+    data = make_batch(seed=31, num_pairs=5, seq_len=16)
+    expected = naive_logprobs(hf_model, data)  # (10, 16), the padded HF forward
+    # A budget of 60 tokens puts two or three pairs in each packed row.
+    worker = _worker(path, packing=True, logprob_mb_tokens=60)
+    assert len(token_budget_groups(data["input_lengths"], 2, 60)) < 5
+
+    packed = worker.get_logprobs(data)["logprobs"]
+    reference = worker.get_reference_policy_logprobs(data)["reference_logprobs"]
+    worker.cfg["sequence_packing"]["enabled"] = False
+    padded = worker.get_logprobs(data)["logprobs"]
+
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded, expected, atol=1e-5, rtol=0)
+    # Only the response tokens are scored for the reference: zero elsewhere.
+    torch.testing.assert_close(reference, expected * data["token_mask"], atol=1e-5, rtol=0)
+    assert torch.all(reference[data["token_mask"] == 0] == 0)
+    worker.shutdown()
+
+
+def test_packed_token_budget_step_equals_padded_step(tiny):
+    data = make_batch(seed=32, num_pairs=4, seq_len=16)
+    metrics, weights = [], []
+    for packing in (False, True):
+        worker = _worker(tiny[0], packing=packing, train_mb_tokens=30)
+        metrics.append(worker.train(copy.deepcopy(data), sequence_margin_loss))
+        weights.append(
+            {n: p.full_tensor().clone() for n, p in worker.model.causal_lm.named_parameters()}
+        )
+        worker.shutdown()
+
+    assert metrics[1]["loss"] == pytest.approx(metrics[0]["loss"], abs=1e-6)
+    assert metrics[1]["grad_norm"] == pytest.approx(metrics[0]["grad_norm"], abs=1e-5)
+    torch.testing.assert_close(weights[1], weights[0], atol=1e-5, rtol=0)

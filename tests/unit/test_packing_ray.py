@@ -1,0 +1,60 @@
+"""Packed, token-budget micro-batches on two Ray CPU workers: the same step as one worker."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
+from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
+from rl_toolkit.models.policy.lm_policy import Policy
+from rl_toolkit.models.policy.packing import token_budget_groups
+from tests.unit.policy_testing import (
+    make_batch,
+    make_config,
+    make_tokenizer,
+    naive_logprobs,
+    save_tiny_llama,
+    sequence_margin_loss,
+)
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _config(model_dir):
+    # SGD with lr 1: the weight change is the gradient itself, compared at float32 precision.
+    config = make_config(model_dir, optimizer={"name": "torch.optim.SGD", "kwargs": {"lr": 1.0}})
+    config["sequence_packing"] = {"enabled": True, "train_mb_tokens": 44, "logprob_mb_tokens": 30}
+    return config
+
+
+def test_two_packed_workers_with_uneven_micro_batches_match_one(tmp_path):
+    hf_model = save_tiny_llama(tmp_path)
+    data = make_batch(seed=40, num_pairs=4, seq_len=16)
+    halves = (data["input_lengths"][:4], data["input_lengths"][4:])
+    counts = [len(token_budget_groups(lengths, 2, 44)) for lengths in halves]
+    assert counts[0] != counts[1], "the test needs workers with different micro-batch counts"
+
+    worker = FSDP2PolicyWorker(config=_config(tmp_path), tokenizer=make_tokenizer())
+    expected = worker.train(data, sequence_margin_loss)
+    worker.export_hf(str(tmp_path / "one"))
+    worker.shutdown()
+
+    cluster = RayVirtualCluster([2], use_gpus=False, name="packed-2w")
+    policy = Policy(cluster, _config(tmp_path), make_tokenizer())
+    try:
+        logprobs = policy.get_logprobs(data)["logprobs"]
+        metrics = policy.train(data, sequence_margin_loss)
+        policy.export_hf(str(tmp_path / "two"))
+    finally:
+        policy.shutdown()
+        cluster.shutdown()
+
+    torch.testing.assert_close(logprobs, naive_logprobs(hf_model, data), atol=1e-5, rtol=0)
+    for key in ("loss", "accuracy", "grad_norm", "num_valid_seqs"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-5), key
+    torch.testing.assert_close(
+        load_file(tmp_path / "two" / "model.safetensors"),
+        load_file(tmp_path / "one" / "model.safetensors"),
+        atol=1e-5,
+        rtol=0,
+    )
