@@ -12,6 +12,7 @@ from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.distributed.worker_groups import RayWorkerGroup
 from rl_toolkit.models.policy import PolicyConfig
 from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker, LossFn
+from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
 
 
 class Policy:
@@ -49,6 +50,7 @@ class Policy:
         self.worker_group = RayWorkerGroup(
             cluster, FSDP2PolicyWorker, name_prefix="policy", worker_kwargs=worker_kwargs
         )
+        self.reference_cache = ReferenceLogprobCache()
 
     def get_logprobs(self, data: BatchedDataDict) -> BatchedDataDict:
         """Next-token log-probs with the current weights.
@@ -63,7 +65,18 @@ class Policy:
         return BatchedDataDict.from_batches(shards)
 
     def get_reference_policy_logprobs(self, data: BatchedDataDict) -> BatchedDataDict:
-        """Like ``get_logprobs`` with the reference weights: ``{"reference_logprobs": [N, T]}``."""
+        """Like ``get_logprobs`` with the reference weights: ``{"reference_logprobs": [N, T]}``.
+
+        A preference batch (with ``pair_ids`` and ``token_mask``) is scored on its response
+        tokens only, and each pair's values are computed once and then reused from a cache
+        on the driver until the reference changes (``update_reference_model``).
+        """
+        if "pair_ids" in data and "token_mask" in data:
+            logprobs = self.reference_cache.get_or_compute(data, self._reference_logprobs)
+            return BatchedDataDict({"reference_logprobs": logprobs}, group_size=data.group_size)
+        return self._reference_logprobs(data)
+
+    def _reference_logprobs(self, data: BatchedDataDict) -> BatchedDataDict:
         shards = self.worker_group.run_all_workers_sharded_data(
             "get_reference_policy_logprobs", data=data
         )
@@ -109,6 +122,7 @@ class Policy:
         self.worker_group.run_all_workers_single_data(
             "update_reference_model", mixup_alpha=mixup_alpha
         )
+        self.reference_cache.clear()  # every cached value belongs to the old reference
 
     def prepare_for_training(self) -> None:
         """Bring the optimizer state back to the accelerators."""
