@@ -122,8 +122,12 @@ def setup(
     _check_batch_sizes(master_config)
 
     checkpointer = CheckpointManager(master_config["checkpointing"])
-    # With resume=never the run may go to a new folder: record it, so that the config saved in
-    # each checkpoint, and a CheckpointManager built from the returned config, name that folder.
+    configured_dir = Path(master_config["checkpointing"]["checkpoint_dir"])
+    if checkpointer.run_dir != configured_dir:
+        # resume=never moved the run to <checkpoint_dir>-N: keep its logs apart the same way.
+        master_config["logger"]["log_dir"] += checkpointer.run_dir.name[len(configured_dir.name) :]
+    # Record the run folder, so that the config saved in each checkpoint, and a
+    # CheckpointManager built from the returned config, name it.
     master_config["checkpointing"]["checkpoint_dir"] = str(checkpointer.run_dir)
     resume_path = checkpointer.resume_path
     dpo_save_state = _default_dpo_save_state()
@@ -131,24 +135,8 @@ def setup(
         dpo_save_state = _save_state_from(checkpointer.load_training_info(resume_path))
         print(f"Resuming from {resume_path} (step {dpo_save_state['total_steps']})")
 
-    data_config = master_config["data"]
-    train_dataloader = build_dataloader(
-        train_dataset,
-        tokenizer,
-        data_config,
-        num_pairs=policy_config["train_global_batch_size"] // 2,
-        shuffle=data_config["shuffle"],
-        seed=dpo_config["seed"],
-        drop_last=True,
-    )
-    val_dataloader = build_dataloader(
-        val_dataset,
-        tokenizer,
-        data_config,
-        num_pairs=dpo_config["val_global_batch_size"] // 2,
-        shuffle=False,
-        seed=dpo_config["seed"],
-        drop_last=False,
+    train_dataloader, val_dataloader = _build_dataloaders(
+        master_config, tokenizer, train_dataset, val_dataset
     )
     if resume_path is not None:
         train_dataloader.load_state_dict(load_dataloader_state(resume_path))
@@ -184,6 +172,35 @@ def setup(
         task_spec,
         dpo_save_state,
     )
+
+
+def _build_dataloaders(
+    master_config: MasterConfig,
+    tokenizer: Any,
+    train_dataset: torch.utils.data.Dataset,
+    val_dataset: torch.utils.data.Dataset,
+) -> tuple[StatefulDataLoader, StatefulDataLoader]:
+    """Training batches: shuffled, whole; validation batches: in order, the last one partial."""
+    data_config, seed = master_config["data"], master_config["dpo"]["seed"]
+    train_dataloader = build_dataloader(
+        train_dataset,
+        tokenizer,
+        data_config,
+        num_pairs=master_config["policy"]["train_global_batch_size"] // 2,
+        shuffle=data_config["shuffle"],
+        seed=seed,
+        drop_last=True,
+    )
+    val_dataloader = build_dataloader(
+        val_dataset,
+        tokenizer,
+        data_config,
+        num_pairs=master_config["dpo"]["val_global_batch_size"] // 2,
+        shuffle=False,
+        seed=seed,
+        drop_last=False,
+    )
+    return train_dataloader, val_dataloader
 
 
 def _check_batch_sizes(master_config: MasterConfig) -> None:

@@ -162,6 +162,8 @@ def test_resume_never_starts_a_fresh_folder(ray_head, straight_run, tmp_path) ->
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
     assert (tmp_path / "ckpt-1" / "step_1" / "training_info.json").is_file()
+    assert (tmp_path / "logs-1" / "metrics.jsonl").is_file()  # the new run's logs apart too
+    assert not (tmp_path / "logs").exists()
 
 
 @pytest.mark.parametrize(
