@@ -10,9 +10,9 @@ steps. Each framework runs in its own subprocess (so peak memory is per framewor
 A B A B over `--rounds` rounds on a noisy machine; the figures are the median over rounds.
 
 rl_toolkit runs as the plain `FSDP2PolicyWorker` in this process (world size 1, no Ray), which
-is what a single-process TRL `DPOTrainer` is comparable with; on a GPU it is also the path that
-works without Ray. Each step computes the reference log-probs of the batch (through the recipe's
-`add_ref_logprobs_to_data`) and then trains; TRL runs with `precompute_ref_log_probs=False`, so
+is what a single-process TRL `DPOTrainer` is comparable with; it imports nothing of Ray, so it
+also runs where Ray is not installed (a GPU box). Each step computes the reference log-probs of
+the batch (as the recipe's `add_ref_logprobs_to_data` does) and then trains; TRL runs with `precompute_ref_log_probs=False`, so
 its reference forward is inside each step as well. Both pass the prompt and the responses
 through the reference model and the policy once per step; nothing is precomputed outside the
 timed steps.
@@ -180,7 +180,6 @@ def run_rl_toolkit(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> l
     """Train with the plain FSDP2PolicyWorker; return the wall time of every step."""
     from transformers import AutoTokenizer
 
-    from rl_toolkit.algorithms.dpo import add_ref_logprobs_to_data
     from rl_toolkit.algorithms.loss_functions import DPOLossFn
     from rl_toolkit.data.collate import preference_collate_fn
     from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
@@ -231,7 +230,10 @@ def run_rl_toolkit(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> l
         for start in range(0, len(items), step)
     ]
     clock = StepClock()
-    for batch in add_ref_logprobs_to_data(batches, worker, {"dpo": dpo_cfg}):
+    for batch in batches:
+        # What the recipe's add_ref_logprobs_to_data does, without the recipe's Ray imports.
+        reference = worker.get_reference_policy_logprobs(batch)["reference_logprobs"]
+        batch["reference_policy_logprobs"] = reference
         worker.train(batch, loss_fn)
         clock.lap()
     worker.shutdown()
