@@ -198,8 +198,11 @@ class FSDP2PolicyWorker:
     def _micro_batch_rows(
         self, data: BatchedDataDict, max_rows: int, max_tokens: int
     ) -> list[torch.Tensor]:
-        """Row indices of each micro-batch: whole groups within a token budget when packing
-        (``policy.sequence_packing``), else ``max_rows`` consecutive rows."""
+        """Row indices of each micro-batch of this worker's rows.
+
+        With ``policy.sequence_packing.enabled``: whole groups in order, up to ``max_tokens``
+        real tokens each; otherwise ``max_rows`` consecutive rows.
+        """
         if self.cfg["sequence_packing"]["enabled"]:
             lengths = data["input_lengths"].cpu()
             return token_budget_groups(lengths, data.group_size, max_tokens)
@@ -256,7 +259,9 @@ class FSDP2PolicyWorker:
             data: this worker's shard of the global batch, ``gbs // world_size`` rows with the
                 keys of the preference batch (docs/design.md).
             loss_fn: called per micro-batch as
-                ``loss_fn(logprobs, micro_batch, global_valid_seqs, global_valid_toks)``.
+                ``loss_fn(logprobs, micro_batch, global_valid_seqs, global_valid_toks)``;
+                ``logprobs [b, T]`` are scored on the response tokens (``token_mask``) only and
+                are 0.0 elsewhere, since the losses read nothing else.
             eval_mode: compute loss and metrics under no_grad; change nothing.
             gbs: global batch size in rows; default ``policy.train_global_batch_size``.
             mbs: micro-batch size in rows; default ``policy.train_micro_batch_size``.
