@@ -43,6 +43,9 @@ def test_two_packed_workers_with_uneven_micro_batches_match_one(tmp_path):
     policy = Policy(cluster, _config(tmp_path), make_tokenizer())
     try:
         logprobs = policy.get_logprobs(data)["logprobs"]
+        # One pair for two workers: the second has no rows and runs a dummy forward.
+        one_pair = data.select_indices([0, 1])
+        one_pair_logprobs = policy.get_logprobs(one_pair)["logprobs"]
         metrics = policy.train(data, sequence_margin_loss)
         policy.export_hf(str(tmp_path / "two"))
     finally:
@@ -50,6 +53,9 @@ def test_two_packed_workers_with_uneven_micro_batches_match_one(tmp_path):
         cluster.shutdown()
 
     torch.testing.assert_close(logprobs, naive_logprobs(hf_model, data), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        one_pair_logprobs, naive_logprobs(hf_model, one_pair), atol=1e-5, rtol=0
+    )
     for key in ("loss", "accuracy", "grad_norm", "num_valid_seqs"):
         assert metrics[key] == pytest.approx(expected[key], abs=1e-5), key
     torch.testing.assert_close(
