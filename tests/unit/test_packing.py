@@ -1,7 +1,6 @@
 """Token-budget micro-batches and padding-free packing: pure functions and the worker's use."""
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,22 +12,8 @@ from tests.unit.policy_testing import (
     make_config,
     make_tokenizer,
     naive_logprobs,
-    save_tiny_llama,
     sequence_margin_loss,
 )
-
-
-@pytest.fixture(autouse=True)
-def _leave_process_group() -> Iterator[None]:
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    return path, save_tiny_llama(path)
 
 
 def test_token_budget_groups_keep_pairs_whole_and_in_order():

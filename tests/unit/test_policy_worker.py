@@ -22,20 +22,6 @@ from tests.unit.policy_testing import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _leave_process_group() -> Iterator[None]:
-    # Workers join (or create) this process's group; leave none behind for other tests.
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    return path, save_tiny_llama(path)
-
-
 @pytest.fixture
 def worker(tiny) -> Iterator[FSDP2PolicyWorker]:
     worker = FSDP2PolicyWorker(config=make_config(tiny[0]), tokenizer=make_tokenizer())
