@@ -176,7 +176,9 @@ def _set_threads() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
 
-def run_rl_toolkit(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> list[float]:
+def run_rl_toolkit(
+    args: dict[str, Any], pairs: list[dict[str, list[int]]], attn_implementation: str
+) -> list[float]:
     """Train with the plain FSDP2PolicyWorker; return the wall time of every step."""
     from transformers import AutoTokenizer
 
@@ -198,6 +200,7 @@ def run_rl_toolkit(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> l
         "logprob_batch_size": rows,
         "max_total_sequence_length": args["max_length"],
         "max_grad_norm": MAX_GRAD_NORM,
+        "attn_implementation": attn_implementation,
         "scheduler": [
             {
                 "name": "torch.optim.lr_scheduler.ConstantLR",
@@ -337,8 +340,12 @@ def child_main(framework: str, args_path: str) -> None:
     _set_threads()
     num_pairs = (args["warmup_steps"] + args["steps"]) * args["pairs_per_step"]
     pairs = make_pairs(num_pairs, args["max_length"], args["model"]["vocab_size"], SEED)
-    runner = run_rl_toolkit if framework == "rl_toolkit" else run_trl
-    times = runner(args, pairs)
+    name, _, attn_implementation = framework.partition("@")
+    if name == "rl_toolkit":
+        times = run_rl_toolkit(args, pairs, attn_implementation or "varlen")
+    else:
+        assert name == "trl" and not attn_implementation, f"unknown framework {framework!r}"
+        times = run_trl(args, pairs)
     result = {"times": times, "tokens": tokens_per_step(pairs, args["pairs_per_step"])}
     print("RESULT " + json.dumps(result | {"peak_memory_mib": _peak_memory_mib()}), flush=True)
 
@@ -397,28 +404,31 @@ def print_table(runs: dict[str, list[dict[str, float]]], mfu: dict[str, float]) 
         fw: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for fw, rs in runs.items()
     }
     header = f"{'tokens/s':>10}{'tokens/cpu-s':>14}{'step s':>9}{'peak MiB':>10}{'MFU':>7}"
-    print(f"\n{'framework':<12}{header}")
+    print(f"\n{'framework':<18}{header}")
     for fw, m in medians.items():
         mfu_text = f"{mfu[fw]:.1%}" if fw in mfu else "-"
         line = (
             f"{m['tokens_per_s']:>10.1f}{m['tokens_per_cpu_s']:>14.1f}{m['step_s']:>9.3f}"
             f"{m['peak_memory_mib']:>10.0f}{mfu_text:>7}"
         )
-        print(f"{fw:<12}{line}")
-    if set(runs) != {"rl_toolkit", "trl"}:
-        return
-    # Each round runs the two frameworks back to back, so a per-round ratio shares most of the
-    # load other processes put on a shared machine; the median over rounds is the headline.
-    for key in ("tokens_per_s", "tokens_per_cpu_s"):
-        ratios = [
-            ours[key] / trl[key] for ours, trl in zip(runs["rl_toolkit"], runs["trl"], strict=True)
-        ]
-        print(
-            f"rl_toolkit / TRL {key}: x{statistics.median(ratios):.2f} (median of the "
-            f"per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})"
-        )
-    ours, trl = medians["rl_toolkit"], medians["trl"]
-    print(f"rl_toolkit / TRL peak memory: x{ours['peak_memory_mib'] / trl['peak_memory_mib']:.2f}")
+        print(f"{fw:<18}{line}")
+    # Every run against TRL (or, without TRL, against the first run): each round runs them back
+    # to back, so a per-round ratio shares most of the load other processes put on a shared
+    # machine; the median over rounds is the headline.
+    base = "trl" if "trl" in runs else next(iter(runs))
+    for fw in runs:
+        if fw == base:
+            continue
+        for key in ("tokens_per_s", "tokens_per_cpu_s"):
+            ratios = [
+                ours[key] / other[key] for ours, other in zip(runs[fw], runs[base], strict=True)
+            ]
+            print(
+                f"{fw} / {base} {key}: x{statistics.median(ratios):.2f} (median of the "
+                f"per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})"
+            )
+        memory = medians[fw]["peak_memory_mib"] / medians[base]["peak_memory_mib"]
+        print(f"{fw} / {base} peak memory: x{memory:.2f}")
 
 
 def main() -> None:
@@ -438,7 +448,16 @@ def main() -> None:
         help="recompute decoder layers in backward, in both frameworks",
     )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU")
-    parser.add_argument("--frameworks", default="rl_toolkit,trl")
+    parser.add_argument(
+        "--frameworks",
+        default="rl_toolkit,trl",
+        help="runs of each round, in order: trl, rl_toolkit, or rl_toolkit@<attention> for "
+        "another policy.attn_implementation (e.g. rl_toolkit@sdpa); rl_toolkit alone where TRL "
+        "is not installed",
+    )
+    parser.add_argument(
+        "--mb-tokens", type=int, help="rl_toolkit's token budget per micro-batch (both budgets)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--args", help=argparse.SUPPRESS)
     cli = parser.parse_args()
@@ -451,6 +470,11 @@ def main() -> None:
         if getattr(cli, key) is not None:
             args[key] = getattr(cli, key)
     args["activation_checkpointing"] = cli.activation_checkpointing
+    if cli.mb_tokens is not None:
+        args["sequence_packing"] = {
+            "train_mb_tokens": cli.mb_tokens,
+            "logprob_mb_tokens": cli.mb_tokens,
+        }
     with tempfile.TemporaryDirectory() as tmp:
         args |= {"model_dir": f"{tmp}/model", "output_dir": f"{tmp}/trl_out"}
         write_model_dir(Path(args["model_dir"]), args["model"], args["max_length"])

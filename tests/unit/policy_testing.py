@@ -55,6 +55,7 @@ def make_config(model_dir: Path, **overrides: Any) -> PolicyConfig:
         "logprob_batch_size": 4,
         "max_total_sequence_length": 32,
         "logprob_chunk_size": 7,
+        "attn_implementation": "varlen",
         "sequence_packing": {"enabled": False, "train_mb_tokens": 24, "logprob_mb_tokens": 40},
         "fsdp": {
             "activation_checkpointing": False,

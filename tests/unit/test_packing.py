@@ -32,27 +32,33 @@ def test_pack_rows_restarts_positions_and_drops_padding():
     input_ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
     lengths = torch.tensor([3, 2, 4])
 
-    packed, positions, starts = pack_rows(input_ids, lengths)
+    packed, positions, cu_seq_lens = pack_rows(input_ids, lengths)
 
     assert packed.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
     assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert starts.tolist() == [0, 3, 5]
+    assert cu_seq_lens.tolist() == [0, 3, 5, 9]
 
 
-def _worker(path, packing: bool, **budgets: int) -> FSDP2PolicyWorker:
+def _worker(path, packing: bool, attn: str = "varlen", **budgets: int) -> FSDP2PolicyWorker:
     # SGD with lr 1: the weight change is the gradient itself (Adam would magnify the float
     # rounding of near-zero gradient entries).
-    config = make_config(path, optimizer={"name": "torch.optim.SGD", "kwargs": {"lr": 1.0}})
+    config = make_config(
+        path,
+        optimizer={"name": "torch.optim.SGD", "kwargs": {"lr": 1.0}},
+        attn_implementation=attn,
+    )
     config["sequence_packing"] = {**config["sequence_packing"], "enabled": packing, **budgets}
     return FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
 
 
-def test_packed_logprobs_equal_the_padded_path(tiny):
+# varlen: rl_toolkit's per-sequence attention; sdpa: transformers' block-diagonal mask.
+@pytest.mark.parametrize("attn", ["varlen", "sdpa"])
+def test_packed_logprobs_equal_the_padded_path(tiny, attn):
     path, hf_model = tiny
     data = make_batch(seed=31, num_pairs=5, seq_len=16)
     expected = naive_logprobs(hf_model, data)  # (10, 16), the padded HF forward
     # A budget of 60 tokens puts two or three pairs in each packed row.
-    worker = _worker(path, packing=True, logprob_mb_tokens=60)
+    worker = _worker(path, packing=True, attn=attn, logprob_mb_tokens=60)
     assert len(token_budget_groups(data["input_lengths"], 2, 60)) < 5
 
     packed = worker.get_logprobs(data)["logprobs"]
@@ -68,11 +74,13 @@ def test_packed_logprobs_equal_the_padded_path(tiny):
     worker.shutdown()
 
 
-def test_packed_token_budget_step_equals_padded_step(tiny):
+@pytest.mark.parametrize("attn", ["varlen", "sdpa"])
+def test_packed_token_budget_step_equals_padded_step(tiny, attn):
     data = make_batch(seed=32, num_pairs=4, seq_len=16)
     metrics, weights = [], []
-    for packing in (False, True):
-        worker = _worker(tiny[0], packing=packing, train_mb_tokens=30)
+    # The padded step with transformers' own masked attention is the reference.
+    for packing, attn_implementation in ((False, "sdpa"), (True, attn)):
+        worker = _worker(tiny[0], packing, attn_implementation, train_mb_tokens=30)
         metrics.append(worker.train(copy.deepcopy(data), sequence_margin_loss))
         weights.append(
             {n: p.full_tensor().clone() for n, p in worker.model.causal_lm.named_parameters()}

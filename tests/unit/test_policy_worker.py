@@ -148,6 +148,8 @@ def test_hf_export_loads_with_transformers_and_gives_the_same_logprobs(worker, t
         dict(exported.named_parameters()), _parameters(worker), atol=0, rtol=0
     )
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+    # The export names no rl_toolkit attention: it loads where rl_toolkit is not installed.
+    assert "rl_toolkit" not in (tmp_path / "hf" / "config.json").read_text()
 
 
 def test_tied_embeddings_train_and_export(tmp_path):
@@ -224,6 +226,7 @@ def test_warmup_then_constant_schedule(tiny):
             "milestones",
         ),
         ({"scheduler": [{"nme": "torch.optim.lr_scheduler.ConstantLR"}]}, r"scheduler\[0\]"),
+        ({"attn_implementation": "flash"}, "policy.attn_implementation='flash'"),
     ],
 )
 def test_config_mistakes_are_value_errors(tiny, overrides, message):

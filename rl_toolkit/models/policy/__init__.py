@@ -58,6 +58,9 @@ class PolicyConfig(TypedDict):
     logprob_batch_size: int  # sequences per forward when computing log-probs
     max_total_sequence_length: int  # longest row (prompt + response) accepted
     logprob_chunk_size: int  # tokens whose full-vocabulary logits exist at once
+    # "varlen": rl_toolkit's attention, computed within each sequence only (attention.py); or a
+    # Hugging Face attn_implementation ("sdpa", "eager", "flash_attention_2", ...)
+    attn_implementation: str
     sequence_packing: SequencePackingConfig
     fsdp: FSDPConfig
     optimizer: OptimizerConfig

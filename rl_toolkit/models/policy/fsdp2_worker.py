@@ -41,6 +41,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.models.policy import PolicyConfig, SchedulerConfig
+from rl_toolkit.models.policy.attention import VARLEN_ATTENTION
 from rl_toolkit.models.policy.logprobs import selected_token_logprobs
 from rl_toolkit.models.policy.packing import pack_rows, token_budget_groups
 
@@ -82,6 +83,7 @@ class LogprobModel(nn.Module):
         target_index: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Log-probs of the tokens at ``target_index``, each given the tokens before it.
 
@@ -91,15 +93,28 @@ class LogprobModel(nn.Module):
             attention_mask: ``[b, T]`` 1 on real tokens (padded rows); None for a packed row.
             position_ids: ``[1, L]`` restarting at 0 for every sequence (packed row); None for
                 padded rows.
+            cu_seq_lens: ``[k + 1]`` cumulative sequence lengths of a packed row, for
+                variable-length attention (``pack_rows``); None for padded rows.
 
         Returns:
             ``[n]`` float32 log-probs.
         """
+        varlen_kwargs = {}
+        if cu_seq_lens is not None:
+            # Read by the varlen and flash attention functions; the others ignore them.
+            max_length = int(cu_seq_lens.diff().max())
+            varlen_kwargs = {
+                "cu_seq_lens_q": cu_seq_lens,
+                "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max_length,
+                "max_length_k": max_length,
+            }
         hidden = self.causal_lm.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **varlen_kwargs,
         ).last_hidden_state  # (b, T, H)
         weight = self.causal_lm.get_output_embeddings().weight  # (V, H)
         return selected_token_logprobs(hidden, weight, input_ids, target_index, self.chunk_size)
@@ -235,8 +250,13 @@ class FSDP2PolicyWorker:
             scored &= micro_batch["token_mask"] > 0  # (b, T)
         rows, cols = scored.nonzero(as_tuple=True)  # (n,), (n,)
         if self.cfg["sequence_packing"]["enabled"]:
-            packed_ids, position_ids, row_starts = pack_rows(input_ids, input_lengths)
-            flat = self.model(packed_ids, row_starts[rows] + cols, position_ids=position_ids)
+            packed_ids, position_ids, cu_seq_lens = pack_rows(input_ids, input_lengths)
+            flat = self.model(
+                packed_ids,
+                cu_seq_lens[rows] + cols,
+                position_ids=position_ids,
+                cu_seq_lens=cu_seq_lens.to(torch.int32),
+            )
         else:
             attention_mask = (positions[None, :] < input_lengths[:, None]).long()  # (b, T)
             flat = self.model(input_ids, rows * seq_len + cols, attention_mask=attention_mask)
@@ -574,8 +594,7 @@ def _build_sharded_model(
     weights do not depend on the number of workers.
     """
     train_config = _without_dropout(hf_config)
-    with torch.device("meta"):
-        causal_lm = AutoModelForCausalLM.from_config(train_config, dtype=torch.float32)
+    causal_lm = _meta_model(cfg, train_config)
     if cfg["fsdp"]["activation_checkpointing"]:
         causal_lm.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
@@ -591,6 +610,21 @@ def _build_sharded_model(
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     return model
+
+
+def _meta_model(cfg: PolicyConfig, train_config: PretrainedConfig) -> PreTrainedModel:
+    """The model without storage, with the attention of ``policy.attn_implementation``."""
+    name = cfg["attn_implementation"]
+    try:
+        with torch.device("meta"):
+            # A copy: from_config sets the attention implementation on the config it gets.
+            return AutoModelForCausalLM.from_config(
+                copy.deepcopy(train_config),
+                dtype=torch.float32,
+                attn_implementation=VARLEN_ATTENTION if name == "varlen" else name,
+            )
+    except (ValueError, ImportError) as exc:
+        raise ValueError(f"policy.attn_implementation={name!r}: {exc}") from exc
 
 
 def _without_dropout(hf_config: PretrainedConfig) -> PretrainedConfig:

@@ -9,8 +9,10 @@ Two steps, both pure tensor code (no model, no process group):
   ``[1, L]`` with position ids that restart at 0 for every sequence. Given such position ids and
   no attention mask, Hugging Face models (transformers >= 4.53, checked with 5.23 for Llama)
   build an attention mask that is causal within each sequence and never crosses sequences (a
-  block-diagonal mask with sdpa/eager, variable-length kernels with flash attention), so every
-  sequence's log-probs equal those of the padded layout without computing any padding.
+  block-diagonal mask with sdpa/eager), and with the cumulative lengths ``cu_seq_lens``
+  rl_toolkit's varlen attention (attention.py) and flash attention compute only within each
+  sequence, so every sequence's log-probs equal those of the padded layout without computing
+  any padding.
 """
 
 import torch
@@ -63,14 +65,15 @@ def pack_rows(
 
     Returns:
         ``packed_ids [1, L]`` and ``position_ids [1, L]`` (0, 1, ... restarting at every
-        sequence), with ``L = input_lengths.sum()``, and ``row_starts [b]``: where each row's
-        first token is in the packed row, so ``packed_ids[0, row_starts[i] + t] ==
-        input_ids[i, t]`` for ``t < input_lengths[i]``.
+        sequence), with ``L = input_lengths.sum()``, and ``cu_seq_lens [b + 1]``: the
+        cumulative lengths ``0, n_0, n_0 + n_1, ..., L``, so row ``i``'s first token is at
+        ``cu_seq_lens[i]`` (``packed_ids[0, cu_seq_lens[i] + t] == input_ids[i, t]`` for
+        ``t < input_lengths[i]``), the form variable-length attention kernels take.
     """
     seq_len = input_ids.shape[1]
     positions = torch.arange(seq_len, device=input_ids.device)
     real = positions[None, :] < input_lengths[:, None]  # (b, T)
     packed_ids = input_ids[real][None, :]  # (1, L), rows in order
     position_ids = positions.expand_as(input_ids)[real][None, :]  # (1, L)
-    row_starts = torch.cumsum(input_lengths, dim=0) - input_lengths  # (b,)
-    return packed_ids, position_ids, row_starts
+    cu_seq_lens = torch.nn.functional.pad(torch.cumsum(input_lengths, dim=0), (1, 0))  # (b + 1,)
+    return packed_ids, position_ids, cu_seq_lens

@@ -1,0 +1,108 @@
+"""The varlen attention against a block-diagonal causal mask: outputs and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rl_toolkit.models.policy.attention import sequence_bounds, varlen_attention_forward
+
+LENGTHS = [5, 9, 1, 3]  # a sequence of one token too
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
+
+
+class _Layer(nn.Module):
+    is_causal = True
+
+
+def _qkv(batch: int, length: int, dtype=torch.float32, device="cpu") -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(batch, HEADS, length, HEAD_DIM)] + 2 * [(batch, KV_HEADS, length, HEAD_DIM)]
+    return [
+        torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+        for shape in shapes
+    ]
+
+
+def _block_causal_reference(query, key, value, lengths, scale):
+    """Plain masked attention: a token sees the earlier tokens of its own sequence only."""
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    position = torch.arange(sum(lengths))
+    mask = (sequence[:, None] == sequence[None, :]) & (position[:, None] >= position[None, :])
+    groups = HEADS // KV_HEADS
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)  # (b, L, H, D)
+
+
+def test_cumulative_lengths_from_position_ids():
+    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])
+    cu_seq_lens, longest = sequence_bounds(position_ids)
+    assert cu_seq_lens.tolist() == [0, 5, 14, 15, 18] and cu_seq_lens.dtype == torch.int32
+    assert longest == 9
+    # A row starting mid-sequence (position ids not from 0) is still cut where they restart.
+    assert sequence_bounds(torch.tensor([3, 4, 0, 1, 0]))[0].tolist() == [0, 2, 4, 5]
+
+
+@pytest.mark.parametrize("bounds_from", ["cu_seq_lens", "position_ids"])
+def test_packed_row_matches_block_diagonal_attention(bounds_from):
+    query, key, value = _qkv(1, sum(LENGTHS))
+    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    cu_seq_lens, longest = sequence_bounds(position_ids[0])
+    bounds = (
+        {"cu_seq_lens_q": cu_seq_lens, "max_length_q": longest}
+        if bounds_from == "cu_seq_lens"
+        else {"position_ids": position_ids}
+    )
+    out, weights = varlen_attention_forward(
+        _Layer(), query, key, value, None, scaling=0.3, **bounds
+    )
+    expected = _block_causal_reference(query, key, value, LENGTHS, scale=0.3)
+
+    assert weights is None and out.shape == (1, sum(LENGTHS), HEADS, HEAD_DIM)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad((out * upstream).sum(), (query, key, value))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (query, key, value))
+    torch.testing.assert_close(grads, expected_grads, atol=1e-5, rtol=0)
+
+
+def test_right_padded_rows_match_masked_attention_on_real_tokens():
+    query, key, value = _qkv(len(LENGTHS), max(LENGTHS))
+    padding_mask = torch.arange(max(LENGTHS))[None, :] < torch.tensor(LENGTHS)[:, None]
+    out, _ = varlen_attention_forward(_Layer(), query, key, value, padding_mask.long())
+    for row, length in enumerate(LENGTHS):
+        expected = _block_causal_reference(
+            query[row : row + 1, :, :length],
+            key[row : row + 1, :, :length],
+            value[row : row + 1, :, :length],
+            [length],
+            scale=None,
+        )
+        torch.testing.assert_close(out[row : row + 1, :length], expected, atol=1e-6, rtol=0)
+
+
+def test_sliding_window_and_softcap_are_refused():
+    query, key, value = _qkv(1, 4)
+    with pytest.raises(ValueError, match="policy.attn_implementation=sdpa"):
+        varlen_attention_forward(_Layer(), query, key, value, None, sliding_window=2)
+    with pytest.raises(ValueError, match="soft-cap"):
+        varlen_attention_forward(_Layer(), query, key, value, None, softcap=30.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flash_varlen_kernel_on_gpu_matches_block_diagonal_attention():
+    query, key, value = _qkv(1, sum(LENGTHS), dtype=torch.bfloat16, device="cuda")
+    cu_seq_lens, longest = sequence_bounds(torch.cat([torch.arange(n) for n in LENGTHS]).cuda())
+    out, _ = varlen_attention_forward(
+        _Layer(), query, key, value, None, cu_seq_lens_q=cu_seq_lens, max_length_q=longest
+    )
+    expected = _block_causal_reference(
+        *(t.detach().float().cpu().requires_grad_() for t in (query, key, value)),
+        LENGTHS,
+        scale=None,
+    )
+    torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=0)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (query, key, value))
