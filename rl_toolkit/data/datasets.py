@@ -7,7 +7,8 @@ dropped / truncated pairs are known before training starts), and applies the len
 
 import importlib
 import logging
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import datasets
@@ -121,6 +122,126 @@ def load_preference_dataset(data_config: DataConfig) -> PreferenceDataset:
     return dataset
 
 
+# A split gets at most one process per this many rows, and small ones none but this process:
+# starting workers and sending each the tokenizer and its rows costs about 0.3 s with a tiny
+# tokenizer (more with a large one), as much as a few hundred short rows take to tokenise.
+MIN_ROWS_PER_PROCESS = 256
+
+# A dropped pair (or, in a worker, a bad row) keeps no tokens; a kept pair's prompt has at least one.
+_NO_TOKENS = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "truncated": False}
+
+# The columns Dataset.map writes, fixed so that a shard of dropped pairs (empty lists) cannot
+# make Arrow infer another type.
+_TOKENIZED_FEATURES = datasets.Features(
+    {
+        "prompt_ids": datasets.List(datasets.Value("int64")),
+        "chosen_ids": datasets.List(datasets.Value("int64")),
+        "rejected_ids": datasets.List(datasets.Value("int64")),
+        "truncated": datasets.Value("bool"),
+        "error": datasets.Value("string"),
+    }
+)
+
+
+def _tokenize_row(
+    row: dict[str, Any],
+    index: int,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    max_total_sequence_length: int,
+    overlong_policy: str,
+    source: str,
+) -> dict[str, Any]:
+    """Tokenise one formatted row and fit it to the length policy (used in and out of workers).
+
+    Returns:
+        {"prompt_ids" (the fitted prompt), "chosen_ids", "rejected_ids" (responses with EOS),
+        "truncated"}; the id lists are empty when the pair is dropped.
+    """
+    prompt_ids, chosen_ids, rejected_ids = tokenize_pair(
+        tokenizer,
+        row["prompt"],
+        row["chosen_response"],
+        row["rejected_response"],
+        f"{source}, row {index + 1}",
+    )
+    fitted = fit_prompt(
+        prompt_ids,
+        max(len(chosen_ids), len(rejected_ids)),
+        max_total_sequence_length=max_total_sequence_length,
+        overlong_policy=overlong_policy,
+        bos_id=tokenizer.bos_token_id,
+    )
+    if fitted is None:
+        return dict(_NO_TOKENS)
+    return {
+        "prompt_ids": fitted,
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "truncated": len(fitted) < len(prompt_ids),
+    }
+
+
+def _tokenize_row_or_error(row: dict[str, Any], index: int, **kwargs: Any) -> dict[str, Any]:
+    """`_tokenize_row` for Dataset.map: a bad row's ValueError becomes its `error` column.
+
+    The parent then raises the first bad row's message, as the in-process loop does, instead of
+    whichever worker fails first with an exception wrapped by the process pool.
+    """
+    try:
+        return {**_tokenize_row(row, index, **kwargs), "error": ""}
+    except ValueError as error:
+        return {**_NO_TOKENS, "error": str(error)}
+
+
+def _tokenize_in_processes(
+    rows: datasets.Dataset, num_proc: int, kwargs: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """`_tokenize_row` of every row, in row order, by `num_proc` worker processes."""
+    tokenized = rows.select_columns(list(ROW_KEYS)).map(
+        _tokenize_row_or_error,
+        with_indices=True,  # the global row index: each worker's shard knows its offset
+        fn_kwargs=kwargs,
+        num_proc=num_proc,
+        remove_columns=list(ROW_KEYS),
+        features=_TOKENIZED_FEATURES,
+        # Nothing is read from or written to the datasets cache (~/.cache or next to the data):
+        # the result stays in memory, and a fresh fingerprint skips hashing the tokenizer.
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        new_fingerprint=uuid.uuid4().hex,
+        desc=f"Tokenising {kwargs['source']}",
+    )
+    first_error = next((error for error in tokenized["error"] if error), None)
+    if first_error is not None:
+        raise ValueError(first_error)
+    return tokenized.remove_columns("error").to_list()
+
+
+def _build_items(tokenized: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The dataset's items from `_tokenize_row`'s results in row order, and the truncated count."""
+    items = []
+    num_truncated = 0
+    for pair_id, pair in enumerate(tokenized):
+        prompt_ids = pair["prompt_ids"]
+        if not prompt_ids:  # dropped
+            continue
+        num_truncated += pair["truncated"]
+        items.append(
+            {
+                "pair_id": pair_id,
+                "prompt_length": len(prompt_ids),
+                "chosen_input_ids": torch.tensor(
+                    prompt_ids + pair["chosen_ids"], dtype=torch.int64
+                ),
+                "rejected_input_ids": torch.tensor(
+                    prompt_ids + pair["rejected_ids"], dtype=torch.int64
+                ),
+            }
+        )
+    return items, num_truncated
+
+
 class PreferencePairDataset(torch.utils.data.Dataset):
     """One split of preference pairs, tokenised up front, for the pair-aware collate.
 
@@ -135,6 +256,9 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         overlong_policy: "drop" or "truncate_prompt" (see tokenization.fit_prompt).
         source: names the split in logs and errors (e.g. "train").
         task_spec: the dataset's task spec, kept for the recipe (`setup` returns it).
+        num_proc: processes that tokenise (data.tokenize_num_proc); the items, counts and
+            errors do not depend on it. Splits under MIN_ROWS_PER_PROCESS rows per process use
+            fewer processes, down to none but this one.
 
     Attributes:
         counts: {"num_rows", "num_pairs", "num_dropped", "num_truncated"}.
@@ -150,37 +274,27 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         overlong_policy: str,
         source: str,
         task_spec: TaskDataSpec | None = None,
+        num_proc: int = 1,
     ) -> None:
         self.task_spec = task_spec
         if overlong_policy not in OVERLONG_POLICIES:
             raise ValueError(
                 f"data.overlong_policy={overlong_policy!r}; expected one of {OVERLONG_POLICIES}"
             )
-        self.items: list[dict[str, Any]] = []
-        num_truncated = 0
-        for index, row in enumerate(rows):
-            where = f"{source}, row {index + 1}"
-            prompt_ids, chosen_ids, rejected_ids = tokenize_pair(
-                tokenizer, row["prompt"], row["chosen_response"], row["rejected_response"], where
-            )
-            fitted = fit_prompt(
-                prompt_ids,
-                max(len(chosen_ids), len(rejected_ids)),
-                max_total_sequence_length=max_total_sequence_length,
-                overlong_policy=overlong_policy,
-                bos_id=tokenizer.bos_token_id,
-            )
-            if fitted is None:
-                continue
-            num_truncated += len(fitted) < len(prompt_ids)
-            self.items.append(
-                {
-                    "pair_id": index,
-                    "prompt_length": len(fitted),
-                    "chosen_input_ids": torch.tensor(fitted + chosen_ids, dtype=torch.int64),
-                    "rejected_input_ids": torch.tensor(fitted + rejected_ids, dtype=torch.int64),
-                }
-            )
+        if num_proc < 1:
+            raise ValueError(f"data.tokenize_num_proc={num_proc}; expected an integer >= 1")
+        kwargs = {
+            "tokenizer": tokenizer,
+            "max_total_sequence_length": max_total_sequence_length,
+            "overlong_policy": overlong_policy,
+            "source": source,
+        }
+        num_processes = min(num_proc, len(rows) // MIN_ROWS_PER_PROCESS)
+        if num_processes > 1:
+            tokenized = _tokenize_in_processes(rows, num_processes, kwargs)
+        else:  # lazily, so that a bad row stops the loop at once
+            tokenized = (_tokenize_row(row, index, **kwargs) for index, row in enumerate(rows))
+        self.items, num_truncated = _build_items(tokenized)
         self.counts = {
             "num_rows": len(rows),
             "num_pairs": len(self.items),
@@ -230,7 +344,7 @@ def tokenize_preference_dataset(
         rows: the formatted split (prompt, chosen_response, rejected_response).
         tokenizer: the policy's tokenizer.
         task_spec: the dataset's task spec; its name (and the split's name) label logs/errors.
-        data_config: the `data` section (overlong_policy).
+        data_config: the `data` section (overlong_policy, tokenize_num_proc).
         max_total_sequence_length: policy.max_total_sequence_length.
 
     Returns:
@@ -244,4 +358,5 @@ def tokenize_preference_dataset(
         overlong_policy=data_config["overlong_policy"],
         source=source,
         task_spec=task_spec,
+        num_proc=data_config["tokenize_num_proc"],
     )

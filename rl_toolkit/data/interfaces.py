@@ -28,6 +28,8 @@ class DataConfig(TypedDict):
     pad_to_multiple_of: round the padded length T of every batch up to a multiple of this.
     shuffle: shuffle the training data each epoch (seeded by dpo.seed).
     num_workers: dataloader worker processes (0: load in the main process).
+    tokenize_num_proc: processes that tokenise each split up front (1: in this process; small
+        splits are always tokenised in this process).
 
     Keys only some datasets use (set them to null where unused):
     train_data_path, val_data_path: local .jsonl / .json / .parquet files, or (for
@@ -44,6 +46,7 @@ class DataConfig(TypedDict):
     pad_to_multiple_of: int
     shuffle: bool
     num_workers: int
+    tokenize_num_proc: int
     train_data_path: NotRequired[str | None]
     val_data_path: NotRequired[str | None]
     train_split: NotRequired[str | None]

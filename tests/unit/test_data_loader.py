@@ -165,7 +165,12 @@ def test_file_to_loss_pipeline(tmp_path) -> None:
     val = tmp_path / "val.jsonl"
     val.write_text(json.dumps(rows[1]) + "\n")
     tokenizer = make_tokenizer()
-    data_config = {"overlong_policy": "drop", "num_workers": 0, "pad_to_multiple_of": 4}
+    data_config = {
+        "overlong_policy": "drop",
+        "num_workers": 0,
+        "pad_to_multiple_of": 4,
+        "tokenize_num_proc": 1,
+    }
     dataset = DPODataset(str(train), str(val))
     pairs = tokenize_preference_dataset(
         dataset.formatted_ds["validation"],

@@ -32,6 +32,7 @@ def data_config(**overrides) -> dict:
         "pad_to_multiple_of": 1,
         "shuffle": True,
         "num_workers": 0,
+        "tokenize_num_proc": 1,
         "train_data_path": None,
         "val_data_path": None,
         "train_split": None,

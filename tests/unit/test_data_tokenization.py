@@ -206,7 +206,7 @@ def test_tokenize_preference_dataset_names_task_and_split(tmp_path) -> None:
     path.write_text('{"prompt": "hi", "chosen_response": "hello", "rejected_response": "bye"}\n')
     dataset = DPODataset(str(path), str(path))
     tokenizer = make_tokenizer()
-    data_config = {"overlong_policy": "drop"}
+    data_config = {"overlong_policy": "drop", "tokenize_num_proc": 1}
     pairs = tokenize_preference_dataset(
         dataset.formatted_ds["validation"],
         tokenizer,
