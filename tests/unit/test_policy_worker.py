@@ -265,11 +265,12 @@ def test_activation_checkpointing_gives_the_same_step(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_bf16_nccl_worker_on_gpu(tiny, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])  # True: the flash varlen kernel
+def test_bf16_nccl_worker_on_gpu(tiny, tmp_path, packing):
     path, hf_model = tiny
-    worker = FSDP2PolicyWorker(
-        config=make_config(path, precision="bfloat16"), tokenizer=make_tokenizer()
-    )
+    config = make_config(path, precision="bfloat16")
+    config["sequence_packing"]["enabled"] = packing
+    worker = FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
     assert worker.device.type == "cuda"
     data = make_batch(seed=11)
     logprobs = worker.get_logprobs(data)["logprobs"]
