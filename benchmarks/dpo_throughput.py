@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -59,9 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "max_length": 256,
         "pairs_per_step": 8,
-        # CPU attention (sdpa) computes the whole square of a packed row, masked or not: short
-        # packed rows waste less of it.
-        "sequence_packing": {"train_mb_tokens": 512, "logprob_mb_tokens": 512},
+        "sequence_packing": {"train_mb_tokens": 2048, "logprob_mb_tokens": 4096},
         "warmup_steps": 1,
         "steps": 4,
         "rounds": 3,
@@ -87,6 +86,9 @@ LEARNING_RATE = 1.0e-5
 BETA = 0.1
 MAX_GRAD_NORM = 1.0
 SEED = 1234
+
+# A run of rl_toolkit with another attention implementation and/or token budget: rl_toolkit@sdpa:512
+RL_TOOLKIT_RUN = re.compile(r"rl_toolkit(?:@(\w+))?(?::(\d+))?")
 
 # Dense bf16 peak of the GPU (no sparsity), for MFU; other GPUs need --peak-tflops.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -177,9 +179,15 @@ def _set_threads() -> None:
 
 
 def run_rl_toolkit(
-    args: dict[str, Any], pairs: list[dict[str, list[int]]], attn_implementation: str
+    args: dict[str, Any],
+    pairs: list[dict[str, list[int]]],
+    attn_implementation: str,
+    mb_tokens: int | None,
 ) -> list[float]:
-    """Train with the plain FSDP2PolicyWorker; return the wall time of every step."""
+    """Train with the plain FSDP2PolicyWorker; return the wall time of every step.
+
+    ``mb_tokens`` replaces both token budgets of the preset when given.
+    """
     from transformers import AutoTokenizer
 
     from rl_toolkit.algorithms.loss_functions import DPOLossFn
@@ -210,6 +218,11 @@ def run_rl_toolkit(
     }
     policy_cfg["tokenizer"]["name"] = args["model_dir"]
     policy_cfg["sequence_packing"] |= args["sequence_packing"]
+    if mb_tokens is not None:
+        policy_cfg["sequence_packing"] |= {
+            "train_mb_tokens": mb_tokens,
+            "logprob_mb_tokens": mb_tokens,
+        }
     policy_cfg["optimizer"]["kwargs"] |= {"lr": LEARNING_RATE, "weight_decay": 0.0}
     policy_cfg["fsdp"]["activation_checkpointing"] = args["activation_checkpointing"]
     dpo_cfg |= {"reference_policy_kl_penalty": BETA, "reference_free": False}
@@ -340,12 +353,14 @@ def child_main(framework: str, args_path: str) -> None:
     _set_threads()
     num_pairs = (args["warmup_steps"] + args["steps"]) * args["pairs_per_step"]
     pairs = make_pairs(num_pairs, args["max_length"], args["model"]["vocab_size"], SEED)
-    name, _, attn_implementation = framework.partition("@")
-    if name == "rl_toolkit":
-        times = run_rl_toolkit(args, pairs, attn_implementation or "varlen")
-    else:
-        assert name == "trl" and not attn_implementation, f"unknown framework {framework!r}"
+    if framework == "trl":
         times = run_trl(args, pairs)
+    else:
+        variant = RL_TOOLKIT_RUN.fullmatch(framework)
+        assert variant is not None, f"unknown framework {framework!r}"
+        attn_implementation, mb_tokens = variant.groups()
+        mb_tokens = int(mb_tokens) if mb_tokens else None
+        times = run_rl_toolkit(args, pairs, attn_implementation or "varlen", mb_tokens)
     result = {"times": times, "tokens": tokens_per_step(pairs, args["pairs_per_step"])}
     print("RESULT " + json.dumps(result | {"peak_memory_mib": _peak_memory_mib()}), flush=True)
 
@@ -404,14 +419,14 @@ def print_table(runs: dict[str, list[dict[str, float]]], mfu: dict[str, float]) 
         fw: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for fw, rs in runs.items()
     }
     header = f"{'tokens/s':>10}{'tokens/cpu-s':>14}{'step s':>9}{'peak MiB':>10}{'MFU':>7}"
-    print(f"\n{'framework':<18}{header}")
+    print(f"\n{'framework':<22}{header}")
     for fw, m in medians.items():
         mfu_text = f"{mfu[fw]:.1%}" if fw in mfu else "-"
         line = (
             f"{m['tokens_per_s']:>10.1f}{m['tokens_per_cpu_s']:>14.1f}{m['step_s']:>9.3f}"
             f"{m['peak_memory_mib']:>10.0f}{mfu_text:>7}"
         )
-        print(f"{fw:<18}{line}")
+        print(f"{fw:<22}{line}")
     # Every run against TRL (or, without TRL, against the first run): each round runs them back
     # to back, so a per-round ratio shares most of the load other processes put on a shared
     # machine; the median over rounds is the headline.
@@ -451,12 +466,9 @@ def main() -> None:
     parser.add_argument(
         "--frameworks",
         default="rl_toolkit,trl",
-        help="runs of each round, in order: trl, rl_toolkit, or rl_toolkit@<attention> for "
-        "another policy.attn_implementation (e.g. rl_toolkit@sdpa); rl_toolkit alone where TRL "
-        "is not installed",
-    )
-    parser.add_argument(
-        "--mb-tokens", type=int, help="rl_toolkit's token budget per micro-batch (both budgets)"
+        help="runs of each round, in order: trl, or rl_toolkit[@ATTN][:TOKENS] with another "
+        "policy.attn_implementation and/or token budget per micro-batch (e.g. "
+        "rl_toolkit@sdpa:512); rl_toolkit alone where TRL is not installed",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--args", help=argparse.SUPPRESS)
@@ -464,17 +476,15 @@ def main() -> None:
     if cli.child:
         child_main(cli.child, cli.args)
         return
+    for framework in cli.frameworks.split(","):
+        if framework != "trl" and not RL_TOOLKIT_RUN.fullmatch(framework):
+            parser.error(f"--frameworks: {framework!r} is not trl or rl_toolkit[@ATTN][:TOKENS]")
     preset_name = cli.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     args = dict(PRESETS[preset_name])
     for key in ("steps", "warmup_steps", "rounds"):
         if getattr(cli, key) is not None:
             args[key] = getattr(cli, key)
     args["activation_checkpointing"] = cli.activation_checkpointing
-    if cli.mb_tokens is not None:
-        args["sequence_packing"] = {
-            "train_mb_tokens": cli.mb_tokens,
-            "logprob_mb_tokens": cli.mb_tokens,
-        }
     with tempfile.TemporaryDirectory() as tmp:
         args |= {"model_dir": f"{tmp}/model", "output_dir": f"{tmp}/trl_out"}
         write_model_dir(Path(args["model_dir"]), args["model"], args["max_length"])
