@@ -244,7 +244,8 @@ def test_batch_size_mistakes_are_value_errors(worker):
         worker.train(data, token_nll_loss, mbs=3)
 
 
-def test_activation_checkpointing_gives_the_same_step(tiny):
+@pytest.mark.parametrize("packing", [False, True])  # True: the varlen boundaries reach recompute
+def test_activation_checkpointing_gives_the_same_step(tiny, packing):
     data = make_batch(seed=10)
     results = []
     for checkpointing in (False, True):
@@ -253,9 +254,9 @@ def test_activation_checkpointing_gives_the_same_step(tiny):
             "cpu_offload": False,
             "reshard_after_forward": True,
         }
-        worker = FSDP2PolicyWorker(
-            config=make_config(tiny[0], fsdp=fsdp), tokenizer=make_tokenizer()
-        )
+        config = make_config(tiny[0], fsdp=fsdp)
+        config["sequence_packing"]["enabled"] = packing
+        worker = FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
         assert worker.model.causal_lm.is_activation_checkpointing == checkpointing
         worker.train(data, token_nll_loss)
         results.append(_parameters(worker))
