@@ -5,7 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_toolkit.models.policy.attention import sequence_bounds, varlen_attention_forward
+from rl_toolkit.models.policy.attention import (
+    _flash_varlen,
+    sequence_bounds,
+    varlen_attention_forward,
+)
 
 LENGTHS = [5, 9, 1, 3]  # a sequence of one token too
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -88,6 +92,23 @@ def test_sliding_window_and_softcap_are_refused():
         varlen_attention_forward(_Layer(), query, key, value, None, sliding_window=2)
     with pytest.raises(ValueError, match="soft-cap"):
         varlen_attention_forward(_Layer(), query, key, value, None, softcap=30.0)
+
+
+def test_flash_varlen_call_is_well_formed_on_meta_tensors():
+    # PyTorch's varlen op has shape-only (fake) kernels: without a GPU this still checks the
+    # arguments, the layouts and the backward of the GPU path; the values need the GPU test.
+    length = sum(LENGTHS)
+    query, key, value = (
+        torch.empty(
+            1, heads, length, HEAD_DIM, device="meta", dtype=torch.bfloat16
+        ).requires_grad_()
+        for heads in (HEADS, KV_HEADS, KV_HEADS)
+    )
+    cu_seq_lens = torch.tensor([0, 5, 14, 15, 18], dtype=torch.int32, device="meta")
+    out = _flash_varlen(query, key, value, cu_seq_lens, max(LENGTHS), None, gqa=True)
+    assert out.shape == (1, length, HEADS, HEAD_DIM) and out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert query.grad.shape == query.shape and key.grad.shape == key.shape
 
 
 @pytest.mark.gpu
