@@ -8,12 +8,14 @@ seed) on the same synthetic preference pairs, in the same order, with the same o
 beta, batch and maximum length, for `--warmup-steps` untimed steps and then `--steps` timed
 steps. Each framework runs in its own subprocess (so peak memory is per framework), alternating
 A B A B over `--rounds` rounds on a noisy machine; the figures are the median over rounds.
+`--frameworks` adds runs of rl_toolkit with another attention implementation or token budget
+(`rl_toolkit@sdpa:512`), or leaves TRL out where it is not installed.
 
 rl_toolkit runs as the plain `FSDP2PolicyWorker` in this process (world size 1, no Ray), which
 is what a single-process TRL `DPOTrainer` is comparable with; it imports nothing of Ray, so it
 also runs where Ray is not installed (a GPU box). Each step computes the reference log-probs of
-the batch (as the recipe's `add_ref_logprobs_to_data` does) and then trains; TRL runs with `precompute_ref_log_probs=False`, so
-its reference forward is inside each step as well. Both pass the prompt and the responses
+the batch (as the recipe's `add_ref_logprobs_to_data` does) and then trains; TRL runs with
+`precompute_ref_log_probs=False`, so its reference forward is inside each step as well. Both pass the prompt and the responses
 through the reference model and the policy once per step; nothing is precomputed outside the
 timed steps.
 

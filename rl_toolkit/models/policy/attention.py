@@ -105,8 +105,8 @@ def sequence_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Cumulative lengths of the sequences of a packed row, and the longest length.
 
     Args:
-        position_ids: ``[L]`` position ids, counting up by 1 within a sequence and restarting (at 0) at the
-            start of the next.
+        position_ids: ``[L]`` position ids, counting up by 1 within a sequence and restarting
+            (at 0) at the start of the next.
 
     Returns:
         ``cu_seq_lens [k + 1]`` int32 (``0, ..., L``) and the longest sequence's length.

@@ -1,8 +1,8 @@
 """The FSDP2 policy worker: one process, one shard of the model, its optimizer and reference.
 
 A plain class: it runs standalone (world size 1), under torchrun, or inside a Ray actor (the
-policy facade's RayWorkerGroup builds it there). It reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT from the environment; without WORLD_SIZE it is a single process.
+policy facade's RayWorkerGroup builds it there). It reads RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT from the environment; without WORLD_SIZE it is a single process.
 
 Every public method is collective: all workers of a group call it together, each with its own
 shard of the data. Batch sizes count sequences (rows), never pairs.
