@@ -217,6 +217,10 @@ def test_warmup_then_constant_schedule(tiny):
         ),
         ({"optimizer": {"name": "torch.optim.NoSuchOpt", "kwargs": {}}}, "policy.optimizer.name"),
         (
+            {"optimizer": {"name": "torch.optim.SGD", "kwargs": {"lr": 0.1, "betas": [0.9, 0.9]}}},
+            "policy.optimizer.kwargs do not fit torch.optim.SGD",
+        ),
+        (
             {
                 "scheduler": [
                     {"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {}},

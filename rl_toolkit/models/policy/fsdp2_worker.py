@@ -712,7 +712,12 @@ def _broadcast_buffers(
 
 def _build_optimizer(model: nn.Module, cfg: PolicyConfig) -> torch.optim.Optimizer:
     optimizer_cls = _import_class(cfg["optimizer"]["name"], "policy.optimizer.name")
-    return optimizer_cls(model.parameters(), **cfg["optimizer"]["kwargs"])
+    try:
+        return optimizer_cls(model.parameters(), **cfg["optimizer"]["kwargs"])
+    except TypeError as exc:  # e.g. a keyword this optimizer does not take
+        raise ValueError(
+            f"policy.optimizer.kwargs do not fit {cfg['optimizer']['name']}: {exc}"
+        ) from exc
 
 
 def _build_scheduler(
