@@ -1,18 +1,34 @@
-"""The varlen attention against a block-diagonal causal mask: outputs and gradients."""
+"""The varlen attention against a block-diagonal causal mask, and inside real models."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from rl_toolkit.models.policy.attention import (
+    VARLEN_ATTENTION,
     _flash_varlen,
     sequence_bounds,
     varlen_attention_forward,
 )
+from rl_toolkit.models.policy.packing import pack_rows
 
 LENGTHS = [5, 9, 1, 3]  # a sequence of one token too
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "vocab_size": 100,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+}
 
 
 class _Layer(nn.Module):
@@ -28,11 +44,15 @@ def _qkv(batch: int, length: int, dtype=torch.float32, device="cpu") -> list[tor
     ]
 
 
-def _block_causal_reference(query, key, value, lengths, scale):
-    """Plain masked attention: a token sees the earlier tokens of its own sequence only."""
+def _block_causal_reference(query, key, value, lengths, scale, window=None):
+    """Plain masked attention: a token sees the earlier tokens of its own sequence only (and of
+    those, with a window, the last ``window`` up to itself)."""
     sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     position = torch.arange(sum(lengths))
-    mask = (sequence[:, None] == sequence[None, :]) & (position[:, None] >= position[None, :])
+    distance = position[:, None] - position[None, :]
+    mask = (sequence[:, None] == sequence[None, :]) & (distance >= 0)
+    if window is not None:
+        mask &= distance < window
     groups = HEADS // KV_HEADS
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
@@ -86,12 +106,61 @@ def test_right_padded_rows_match_masked_attention_on_real_tokens():
         torch.testing.assert_close(out[row : row + 1, :length], expected, atol=1e-6, rtol=0)
 
 
-def test_sliding_window_and_softcap_are_refused():
+def test_sliding_window_within_each_sequence():
+    query, key, value = _qkv(1, sum(LENGTHS))
+    cu_seq_lens, longest = sequence_bounds(torch.cat([torch.arange(n) for n in LENGTHS]))
+    bounds = {"cu_seq_lens_q": cu_seq_lens, "max_length_q": longest}
+    out, _ = varlen_attention_forward(_Layer(), query, key, value, None, sliding_window=3, **bounds)
+    full, _ = varlen_attention_forward(_Layer(), query, key, value, None, **bounds)
+
+    expected = _block_causal_reference(query, key, value, LENGTHS, scale=None, window=3)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(out, full, atol=1e-3)  # the window mattered
+    # Right-padded rows honour it too.
+    padded, _ = varlen_attention_forward(_Layer(), *_qkv(1, 9), None, sliding_window=3)
+    torch.testing.assert_close(
+        padded, _block_causal_reference(*_qkv(1, 9), [9], scale=None, window=3), atol=1e-6, rtol=0
+    )
+
+
+def test_softcap_is_refused():
     query, key, value = _qkv(1, 4)
-    with pytest.raises(ValueError, match="policy.attn_implementation=sdpa"):
-        varlen_attention_forward(_Layer(), query, key, value, None, sliding_window=2)
-    with pytest.raises(ValueError, match="soft-cap"):
+    with pytest.raises(ValueError, match="soft-caps.*policy.attn_implementation to eager"):
         varlen_attention_forward(_Layer(), query, key, value, None, softcap=30.0)
+
+
+# The common small policies: Llama, Qwen2 (Qwen2.5-0.5B), Mistral with a sliding window of 4.
+@pytest.mark.parametrize(
+    "config",
+    [
+        LlamaConfig(**TINY),
+        Qwen2Config(**TINY),
+        MistralConfig(**TINY, sliding_window=4),
+    ],
+    ids=["llama", "qwen2", "mistral-window"],
+)
+def test_models_with_varlen_match_sdpa_per_sequence(config):
+    torch.manual_seed(0)
+    sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    varlen = AutoModelForCausalLM.from_config(
+        copy.deepcopy(config), attn_implementation=VARLEN_ATTENTION
+    )
+    varlen.load_state_dict(sdpa.state_dict())
+    sequences = [torch.randint(3, 100, (n,)) for n in LENGTHS]
+    packed_ids, position_ids, cu_seq_lens = pack_rows(
+        torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True), torch.tensor(LENGTHS)
+    )
+    hidden = varlen.model(
+        input_ids=packed_ids,
+        position_ids=position_ids,
+        use_cache=False,
+        cu_seq_lens_q=cu_seq_lens.to(torch.int32),
+        max_length_q=max(LENGTHS),
+    ).last_hidden_state[0]
+    expected = torch.cat(
+        [sdpa.model(input_ids=ids[None], use_cache=False).last_hidden_state[0] for ids in sequences]
+    )
+    torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=0)
 
 
 def test_flash_varlen_call_is_well_formed_on_meta_tensors():
@@ -113,16 +182,25 @@ def test_flash_varlen_call_is_well_formed_on_meta_tensors():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_flash_varlen_kernel_on_gpu_matches_block_diagonal_attention():
+@pytest.mark.parametrize("window", [None, 3])
+def test_flash_varlen_kernel_on_gpu_matches_block_diagonal_attention(window):
     query, key, value = _qkv(1, sum(LENGTHS), dtype=torch.bfloat16, device="cuda")
     cu_seq_lens, longest = sequence_bounds(torch.cat([torch.arange(n) for n in LENGTHS]).cuda())
     out, _ = varlen_attention_forward(
-        _Layer(), query, key, value, None, cu_seq_lens_q=cu_seq_lens, max_length_q=longest
+        _Layer(),
+        query,
+        key,
+        value,
+        None,
+        cu_seq_lens_q=cu_seq_lens,
+        max_length_q=longest,
+        sliding_window=window,
     )
     expected = _block_causal_reference(
         *(t.detach().float().cpu().requires_grad_() for t in (query, key, value)),
         LENGTHS,
         scale=None,
+        window=window,
     )
     torch.testing.assert_close(out.float().cpu(), expected, atol=2e-2, rtol=0)
     out.sum().backward()

@@ -21,6 +21,11 @@ restart at 0), as transformers' flash attention does; rows of a batch of several
 sequence: causal attention over the whole row, ignoring the padding mask, which is exact for the
 real tokens of right-padded rows (a real token never attends to a later position), the only
 padded layout the policy worker builds.
+
+Layers with a sliding window (transformers passes ``sliding_window``: Mistral, Gemma 3's local
+layers) attend to the last ``sliding_window`` tokens of their own sequence; a sequence no longer
+than the window takes the plain causal path. Logit soft-capping (Gemma 2) is not implemented and
+is refused with an error that names the setting to change.
 """
 
 from typing import Any
@@ -59,46 +64,70 @@ def varlen_attention_forward(
             row (``0, n_0, n_0 + n_1, ..., L``); None for padded rows.
         max_length_q: the longest of the ``k`` sequences.
         position_ids: ``[1, L]`` position ids, read only when ``cu_seq_lens_q`` is None.
-        **kwargs: the rest of transformers' attention arguments; a sliding window or a logit
-            soft-cap is refused, since neither is implemented here.
+        **kwargs: the rest of transformers' attention arguments: ``sliding_window`` (the
+            layer attends to that many last tokens only) is honoured, a logit ``softcap`` is
+            refused.
 
     Returns:
         ``([b, L, Hq, D], None)``: the attention output and no attention weights.
     """
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+    if kwargs.get("softcap") is not None:
         raise ValueError(
-            f"{type(module).__name__} uses a sliding window or a logit soft-cap, which "
+            f"{type(module).__name__} soft-caps its attention logits, which "
             "policy.attn_implementation=varlen does not implement; set "
-            "policy.attn_implementation=sdpa (or flash_attention_2)"
+            "policy.attn_implementation to eager or flash_attention_2"
         )
     assert dropout == 0.0, "attention dropout is off in the policy worker"
     assert getattr(module, "is_causal", True), "varlen attention is causal only"
+    window = kwargs.get("sliding_window")  # None, or attend to the last `window` tokens only
     gqa = query.shape[1] != key.shape[1]
     if cu_seq_lens_q is None and query.shape[0] == 1 and position_ids is not None:
         cu_seq_lens_q, max_length_q = sequence_bounds(position_ids[0])
     if cu_seq_lens_q is None:
-        out = F.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa
-        )
+        out = _causal_attention(query, key, value, scaling, gqa, window)
     elif query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        return _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, gqa), None
+        out = _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, gqa, window)
+        return out, None
     else:
         bounds = cu_seq_lens_q.tolist()
         out = torch.cat(
             [
-                F.scaled_dot_product_attention(
+                _causal_attention(
                     query[:, :, start:end],
                     key[:, :, start:end],
                     value[:, :, start:end],
-                    is_causal=True,
-                    scale=scaling,
-                    enable_gqa=gqa,
+                    scaling,
+                    gqa,
+                    window,
                 )
                 for start, end in zip(bounds[:-1], bounds[1:], strict=True)
             ],
             dim=2,
         )  # (b, Hq, L, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    gqa: bool,
+    window: int | None,
+) -> torch.Tensor:
+    """sdpa over whole rows, causal, and within ``window`` tokens when the rows are longer."""
+    length = query.shape[2]
+    if window is None or length <= window:
+        return F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa
+        )
+    # transformers' sliding window: query i sees keys j with i - window < j <= i.
+    position = torch.arange(length, device=query.device)
+    distance = position[:, None] - position[None, :]  # (L, L)
+    mask = (distance >= 0) & (distance < window)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa
+    )
 
 
 def sequence_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -125,6 +154,7 @@ def _flash_varlen(
     max_length: int | None,
     scaling: float | None,
     gqa: bool,
+    window: int | None = None,
 ) -> torch.Tensor:
     # Imported here: the module exists only in PyTorch builds recent enough to have it.
     from torch.nn.attention.varlen import varlen_attn
@@ -141,7 +171,8 @@ def _flash_varlen(
         max_length,
         max_length,
         scale=scaling,
-        window_size=(-1, 0),  # causal
+        # Causal; a sliding window only where some sequence is longer than it.
+        window_size=(-1, 0) if window is None or max_length <= window else (window - 1, 0),
         enable_gqa=gqa,
     )  # (L, Hq, D)
     return out[None]  # (1, L, Hq, D)
