@@ -174,9 +174,10 @@ def test_flash_varlen_call_is_well_formed_on_meta_tensors():
         for heads in (HEADS, KV_HEADS, KV_HEADS)
     )
     cu_seq_lens = torch.tensor([0, 5, 14, 15, 18], dtype=torch.int32, device="meta")
-    out = _flash_varlen(query, key, value, cu_seq_lens, max(LENGTHS), None, gqa=True)
-    assert out.shape == (1, length, HEADS, HEAD_DIM) and out.dtype == torch.bfloat16
-    out.sum().backward()
+    for window in (None, 3):
+        out = _flash_varlen(query, key, value, cu_seq_lens, max(LENGTHS), None, True, window)
+        assert out.shape == (1, length, HEADS, HEAD_DIM) and out.dtype == torch.bfloat16
+        out.sum().backward()
     assert query.grad.shape == query.shape and key.grad.shape == key.shape
 
 
