@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 from rl_toolkit.models.policy.attention import (
     VARLEN_ATTENTION,
     _flash_varlen,
+    flash_varlen_options,
     sequence_bounds,
     varlen_attention_forward,
 )
@@ -163,7 +164,29 @@ def test_models_with_varlen_match_sdpa_per_sequence(config):
     torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=0)
 
 
-def test_flash_varlen_call_is_well_formed_on_meta_tensors():
+# The keywords of varlen_attn in PyTorch 2.10, in versions with a window, and in 2.13.
+TORCH_2_10 = frozenset({"scale", "is_causal", "return_aux"})
+WITH_WINDOW = frozenset({"scale", "window_size", "return_aux"})
+TORCH_2_13 = WITH_WINDOW | {"enable_gqa", "seqused_k", "block_table", "num_splits"}
+
+
+def test_flash_options_for_each_pytorch_version():
+    assert flash_varlen_options(TORCH_2_13, None, 9, gqa=True) == (
+        {"window_size": (-1, 0), "enable_gqa": True},
+        False,
+    )
+    # A window no sequence is longer than is plain causal attention.
+    assert flash_varlen_options(TORCH_2_13, 9, 9, gqa=False) == ({"window_size": (-1, 0)}, False)
+    assert flash_varlen_options(TORCH_2_13, 3, 9, gqa=False) == ({"window_size": (2, 0)}, False)
+    # Without enable_gqa the key/value heads are repeated.
+    assert flash_varlen_options(WITH_WINDOW, None, 9, gqa=True) == ({"window_size": (-1, 0)}, True)
+    assert flash_varlen_options(TORCH_2_10, None, 9, gqa=False) == ({"is_causal": True}, False)
+    # 2.10 has no window: the per-sequence sdpa path takes over.
+    assert flash_varlen_options(TORCH_2_10, 3, 9, gqa=False) is None
+
+
+@pytest.mark.parametrize("params", [TORCH_2_13, WITH_WINDOW], ids=["gqa-kernel", "repeat-kv"])
+def test_flash_varlen_call_is_well_formed_on_meta_tensors(params):
     # PyTorch's varlen op has shape-only (fake) kernels: without a GPU this still checks the
     # arguments, the layouts and the backward of the GPU path; the values need the GPU test.
     length = sum(LENGTHS)
@@ -175,7 +198,8 @@ def test_flash_varlen_call_is_well_formed_on_meta_tensors():
     )
     cu_seq_lens = torch.tensor([0, 5, 14, 15, 18], dtype=torch.int32, device="meta")
     for window in (None, 3):
-        out = _flash_varlen(query, key, value, cu_seq_lens, max(LENGTHS), None, True, window)
+        options = flash_varlen_options(params, window, max(LENGTHS), gqa=True)
+        out = _flash_varlen(query, key, value, cu_seq_lens, max(LENGTHS), None, options)
         assert out.shape == (1, length, HEADS, HEAD_DIM) and out.dtype == torch.bfloat16
         out.sum().backward()
     assert query.grad.shape == query.shape and key.grad.shape == key.shape

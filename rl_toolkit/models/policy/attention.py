@@ -7,9 +7,10 @@ sequences themselves, and the mask alone is ``L * L`` bytes per micro-batch. Thi
 attention computes each sequence's own causal triangle and nothing else:
 
 - on a GPU in bf16/fp16, one call of PyTorch's variable-length flash attention kernel
-  (``torch.nn.attention.varlen.varlen_attn``) over the packed row, given the cumulative
-  sequence lengths ``cu_seq_lens``;
-- elsewhere (CPU, float32), one ``scaled_dot_product_attention`` call per sequence.
+  (``torch.nn.attention.varlen.varlen_attn``, PyTorch >= 2.10) over the packed row, given the
+  cumulative sequence lengths ``cu_seq_lens``;
+- elsewhere (CPU, float32, older PyTorch), one ``scaled_dot_product_attention`` call per
+  sequence.
 
 It is registered with transformers' ``AttentionInterface`` under ``VARLEN_ATTENTION``, so a
 model built with ``attn_implementation=VARLEN_ATTENTION`` calls it from every attention layer.
@@ -28,6 +29,9 @@ than the window takes the plain causal path. Logit soft-capping (Gemma 2) is not
 is refused with an error that names the setting to change.
 """
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,8 +89,8 @@ def varlen_attention_forward(
         cu_seq_lens_q, max_length_q = sequence_bounds(position_ids[0])
     if cu_seq_lens_q is None:
         out = _causal_attention(query, key, value, scaling, gqa, window)
-    elif query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        out = _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, gqa, window)
+    elif (options := _flash_options(query, window, max_length_q, gqa)) is not None:
+        out = _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, options)
         return out, None
     else:
         bounds = cu_seq_lens_q.tolist()
@@ -105,6 +109,17 @@ def varlen_attention_forward(
             dim=2,
         )  # (b, Hq, L, D)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _flash_options(
+    query: torch.Tensor, window: int | None, max_length: int | None, gqa: bool
+) -> tuple[dict[str, Any], bool] | None:
+    """The flash kernel's options where it can run: bf16/fp16 on a GPU, PyTorch >= 2.10."""
+    kernel, params = _varlen_kernel()
+    if kernel is None or not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    assert max_length is not None, "max_length_q comes with cu_seq_lens_q"
+    return flash_varlen_options(params, window, max_length, gqa)
 
 
 def _causal_attention(
@@ -146,21 +161,58 @@ def sequence_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu_seq_lens, int(cu_seq_lens.diff().max())
 
 
+@functools.cache
+def _varlen_kernel() -> tuple[Callable[..., torch.Tensor] | None, frozenset[str]]:
+    """PyTorch's varlen flash attention and the keywords it takes; None before PyTorch 2.10."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def flash_varlen_options(
+    params: frozenset[str], window: int | None, max_length: int, gqa: bool
+) -> tuple[dict[str, Any], bool] | None:
+    """How to call ``varlen_attn`` of a PyTorch version that takes keywords ``params``.
+
+    PyTorch 2.10 takes ``is_causal`` and no window; later versions take ``window_size``
+    (``(-1, 0)``: causal) and, later still, ``enable_gqa``.
+
+    Returns:
+        ``(keywords, repeat_kv)``, where ``repeat_kv`` says to repeat the key/value heads for a
+        version without ``enable_gqa``; None when this version cannot compute the attention
+        (a sliding window that matters, without ``window_size``).
+    """
+    windowed = window is not None and max_length > window
+    if "window_size" in params:
+        options: dict[str, Any] = {"window_size": (window - 1, 0) if windowed else (-1, 0)}
+    elif "is_causal" in params and not windowed:
+        options = {"is_causal": True}
+    else:
+        return None
+    repeat_kv = gqa and "enable_gqa" not in params
+    if gqa and not repeat_kv:
+        options["enable_gqa"] = True
+    return options, repeat_kv
+
+
 def _flash_varlen(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     cu_seq_lens: torch.Tensor,
-    max_length: int | None,
+    max_length: int,
     scaling: float | None,
-    gqa: bool,
-    window: int | None = None,
+    options: tuple[dict[str, Any], bool],
 ) -> torch.Tensor:
-    # Imported here: the module exists only in PyTorch builds recent enough to have it.
-    from torch.nn.attention.varlen import varlen_attn
-
+    """``varlen_attn`` over a packed row, ``[1, H, L, D]`` in, ``[1, L, Hq, D]`` out."""
     assert query.shape[0] == 1, "a packed row is a batch of one"
-    assert max_length is not None, "max_length_q comes with cu_seq_lens_q"
+    varlen_attn, _ = _varlen_kernel()
+    keywords, repeat_kv = options
+    if repeat_kv:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     cu_seq_lens = cu_seq_lens.to(torch.int32)
     out = varlen_attn(
         query[0].transpose(0, 1),  # (L, Hq, D)
@@ -171,9 +223,7 @@ def _flash_varlen(
         max_length,
         max_length,
         scale=scaling,
-        # Causal; a sliding window only where some sequence is longer than it.
-        window_size=(-1, 0) if window is None or max_length <= window else (window - 1, 0),
-        enable_gqa=gqa,
+        **keywords,
     )  # (L, Hq, D)
     return out[None]  # (1, L, Hq, D)
 
