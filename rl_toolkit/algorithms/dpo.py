@@ -27,6 +27,7 @@ from rl_toolkit.data import DataConfig, TaskDataSpec, build_dataloader, pad_batc
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import ClusterConfig, RayVirtualCluster
 from rl_toolkit.models.policy import PolicyConfig
+from rl_toolkit.models.policy.attention import check_attn_implementation
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.utils.checkpoint import (
     CheckpointingConfig,
@@ -113,13 +114,14 @@ def setup(
 ]:
     """Build everything `dpo_train` needs, resuming from the last checkpoint when asked.
 
-    Everything that can fail on a user mistake (the loss parameters, the checkpoint to resume
-    from) is checked before the cluster and the workers start.
+    Everything that can fail on a user mistake (the loss parameters, batch sizes, attention, the
+    checkpoint to resume from) is checked before the cluster and the workers start.
     """
     policy_config, dpo_config = master_config["policy"], master_config["dpo"]
     set_seed(dpo_config["seed"])
     loss_fn = DPOLossFn(dpo_config)
     _check_batch_sizes(master_config)
+    check_attn_implementation(policy_config["attn_implementation"])
 
     checkpointer = CheckpointManager(master_config["checkpointing"])
     configured_dir = Path(master_config["checkpointing"]["checkpoint_dir"])

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 from rl_toolkit.models.policy.attention import (
     VARLEN_ATTENTION,
     _flash_varlen,
+    check_attn_implementation,
     flash_varlen_options,
     sequence_bounds,
     varlen_attention_forward,
@@ -122,6 +123,15 @@ def test_sliding_window_within_each_sequence():
     torch.testing.assert_close(
         padded, _block_causal_reference(*_qkv(1, 9), [9], scale=None, window=3), atol=1e-6, rtol=0
     )
+
+
+def test_attention_names_are_checked():
+    for name in ("varlen", "sdpa", "eager", "flash_attention_2", "kernels-community/flash-attn"):
+        check_attn_implementation(name)
+    with pytest.raises(ValueError, match="policy.attn_implementation='flash'; expected one of"):
+        check_attn_implementation("flash")
+    with pytest.raises(ValueError, match="rl_toolkit_varlen"):  # internal: the key says varlen
+        check_attn_implementation(VARLEN_ATTENTION)
 
 
 def test_softcap_is_refused():

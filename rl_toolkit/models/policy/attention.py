@@ -228,4 +228,19 @@ def _flash_varlen(
     return out[None]  # (1, L, Hq, D)
 
 
+def check_attn_implementation(name: str) -> None:
+    """Raise ``ValueError`` unless ``policy.attn_implementation`` names an attention.
+
+    ``varlen``, ``eager``, or an implementation registered with transformers (``sdpa``,
+    ``flash_attention_2``, ``flex_attention``, ...); a Hugging Face hub kernel (``org/repo``) and
+    a paged variant (``paged|...``) are left to transformers to check.
+    """
+    known = {"varlen", "eager", *AttentionInterface().valid_keys()} - {VARLEN_ATTENTION}
+    if name in known or "/" in name or name.startswith("paged|"):
+        return
+    raise ValueError(
+        f"policy.attn_implementation={name!r}; expected one of {', '.join(sorted(known))}"
+    )
+
+
 AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
