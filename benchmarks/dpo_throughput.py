@@ -197,7 +197,7 @@ def run_rl_toolkit(
     from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
     from rl_toolkit.utils.config import load_config
 
-    cfg = load_config(REPO / "configs" / "dpo.yaml")
+    cfg = load_config(REPO / "configs" / "dpo_tiny.yaml")
     policy_cfg, dpo_cfg = cfg["policy"], cfg["dpo"]
     rows = 2 * args["pairs_per_step"]
     policy_cfg |= {

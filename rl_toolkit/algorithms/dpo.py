@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from rl_toolkit.algorithms.loss_functions import DPOLossConfig, DPOLossFn
-from rl_toolkit.data import DataConfig, TaskDataSpec, build_dataloader, pad_batch_to
+from rl_toolkit.algorithms.loss_functions import DPOLossFn, validate_dpo_loss_config
+from rl_toolkit.config_schema import DPOConfig, MasterConfig, check_master_config
+from rl_toolkit.data import TaskDataSpec, build_dataloader, pad_batch_to
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.distributed.virtual_cluster import ClusterConfig, RayVirtualCluster
-from rl_toolkit.models.policy import PolicyConfig
+from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, check_cluster_fits
+from rl_toolkit.models.optim import check_optimizer_config
 from rl_toolkit.models.policy.attention import check_attn_implementation
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.utils.checkpoint import (
-    CheckpointingConfig,
     CheckpointManager,
     load_dataloader_state,
     load_rng_state,
@@ -38,7 +38,8 @@ from rl_toolkit.utils.checkpoint import (
     save_rng_state,
 )
 from rl_toolkit.utils.config import save_config
-from rl_toolkit.utils.logger import Logger, LoggerConfig
+from rl_toolkit.utils.hf import warn_if_random_init_of_trained_model
+from rl_toolkit.utils.logger import Logger
 from rl_toolkit.utils.timer import Timer, tokens_per_second
 
 
@@ -54,42 +55,6 @@ class DPOSaveState(TypedDict):
 
 def _default_dpo_save_state() -> DPOSaveState:
     return {"epoch": 0, "step": 0, "total_steps": 0, "consumed_samples": 0}
-
-
-class DPOConfig(DPOLossConfig):
-    """The `dpo` section: the loop (below) plus the loss keys of DPOLossConfig.
-
-    max_num_epochs / max_num_steps: training stops at whichever comes first.
-    val_period: validate every this many steps (0: never, except at start and end).
-    val_batches: validation batches per validation (0: the whole validation set).
-    val_global_batch_size / val_micro_batch_size: sequences (2 per pair) per validation batch /
-        micro-batch.
-    val_at_start: validate before the first step.
-    seed: seeds Python, NumPy, torch and the data order.
-    sync_ref_model / ref_model_sync_steps / ref_model_mixup_alpha: TR-DPO; every
-        ref_model_sync_steps steps, reference <- alpha * policy + (1 - alpha) * reference.
-    """
-
-    max_num_epochs: int
-    max_num_steps: int
-    val_period: int
-    val_batches: int
-    val_global_batch_size: int
-    val_micro_batch_size: int
-    val_at_start: bool
-    seed: int
-    sync_ref_model: bool
-    ref_model_sync_steps: int
-    ref_model_mixup_alpha: float
-
-
-class MasterConfig(TypedDict):
-    policy: PolicyConfig
-    data: DataConfig
-    dpo: DPOConfig
-    logger: LoggerConfig
-    cluster: ClusterConfig
-    checkpointing: CheckpointingConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,14 +79,15 @@ def setup(
 ]:
     """Build everything `dpo_train` needs, resuming from the last checkpoint when asked.
 
-    Everything that can fail on a user mistake (the loss parameters, batch sizes, attention, the
-    checkpoint to resume from) is checked before the cluster and the workers start.
+    Everything that can fail on a user mistake (`check_config`, the checkpoint to resume from,
+    the cluster's size) is checked before any worker starts, and raises ConfigError.
     """
     policy_config, dpo_config = master_config["policy"], master_config["dpo"]
+    check_config(master_config)
+    check_cluster_fits(master_config["cluster"], policy_config)
     set_seed(dpo_config["seed"])
     loss_fn = DPOLossFn(dpo_config)
-    _check_batch_sizes(master_config)
-    check_attn_implementation(policy_config["attn_implementation"])
+    warn_if_random_init_of_trained_model(policy_config)
 
     checkpointer = CheckpointManager(master_config["checkpointing"])
     configured_dir = Path(master_config["checkpointing"]["checkpoint_dir"])
@@ -205,19 +171,19 @@ def _build_dataloaders(
     return train_dataloader, val_dataloader
 
 
-def _check_batch_sizes(master_config: MasterConfig) -> None:
-    sizes = {
-        "policy.train_global_batch_size": master_config["policy"]["train_global_batch_size"],
-        "policy.train_micro_batch_size": master_config["policy"]["train_micro_batch_size"],
-        "dpo.val_global_batch_size": master_config["dpo"]["val_global_batch_size"],
-        "dpo.val_micro_batch_size": master_config["dpo"]["val_micro_batch_size"],
-    }
-    for key, size in sizes.items():
-        if size < 2 or size % 2:
-            raise ValueError(
-                f"{key} counts sequences, two per preference pair: it must be even and >= 2, "
-                f"got {size}"
-            )
+def check_config(master_config: MasterConfig) -> None:
+    """Every check of the config that needs neither data nor a cluster.
+
+    `setup` calls it first. A driver may call it sooner, right after loading the config, so that
+    a mistake shows before the data is tokenised (examples/run_dpo.py does).
+
+    Raises:
+        ConfigError: one line naming the key and what would be right.
+    """
+    check_master_config(master_config)
+    validate_dpo_loss_config(master_config["dpo"])
+    check_attn_implementation(master_config["policy"]["attn_implementation"])
+    check_optimizer_config(master_config["policy"])
 
 
 def set_seed(seed: int) -> None:

@@ -21,10 +21,13 @@ This module imports neither ray nor torch.distributed.
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal, TypedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from rl_toolkit.config_schema import DPOLossConfig
+from rl_toolkit.utils.config import ConfigError
 
 Tensor = torch.Tensor
 PreferenceLoss = Callable[..., Tensor]
@@ -288,82 +291,38 @@ PAIR_MEAN_METRICS = (
 )
 
 
-class DPOLossConfig(TypedDict):
-    """The loss-related keys of the `dpo` config section (DPOConfig inherits them).
-
-    reference_policy_kl_penalty: beta, the inverse temperature of the implicit reward (> 0).
-    preference_loss_weight: weight of the preference term.
-    sft_loss_weight: weight of the SFT (negative log-likelihood) term on the chosen responses.
-    preference_average_log_probs: average log-probs over response tokens in the preference
-        term instead of summing them.
-    sft_average_log_probs: average log-probs over response tokens in the SFT term.
-    loss_type: a key of PREFERENCE_LOSSES.
-    label_smoothing: eps, the assumed fraction of flipped labels (sigmoid, robust, aot,
-        aot_pair, simpo: [0, 0.5); exo_pair: (0, 0.5); the other losses require 0).
-    reference_free: use a reference log-prob of 0 (no reference model).
-    simpo_gamma: SimPO's target reward margin gamma (used by loss_type simpo only).
-    discopop_tau: DiscoPOP's modulation temperature tau > 0 (used by loss_type discopop only).
-    """
-
-    reference_policy_kl_penalty: float
-    preference_loss_weight: float
-    sft_loss_weight: float
-    preference_average_log_probs: bool
-    sft_average_log_probs: bool
-    loss_type: Literal[
-        "sigmoid",
-        "robust",
-        "hinge",
-        "ipo",
-        "exo_pair",
-        "nca_pair",
-        "bco_pair",
-        "sppo_hard",
-        "aot",
-        "aot_pair",
-        "apo_zero",
-        "apo_down",
-        "discopop",
-        "simpo",
-    ]
-    label_smoothing: float
-    reference_free: bool
-    simpo_gamma: float
-    discopop_tau: float
-
-
 def validate_dpo_loss_config(cfg: DPOLossConfig) -> None:
-    """Raise ValueError naming the `dpo.*` key if the loss parameters are inconsistent."""
+    """Raise ConfigError naming the `dpo.*` key if the loss parameters are inconsistent."""
     loss_type = cfg["loss_type"]
     if loss_type not in PREFERENCE_LOSSES:
-        raise ValueError(
+        raise ConfigError(
             f"dpo.loss_type: unknown loss type {loss_type!r}; "
             f"expected one of {sorted(PREFERENCE_LOSSES)}"
         )
     beta = cfg["reference_policy_kl_penalty"]
     if not beta > 0:
-        raise ValueError(f"dpo.reference_policy_kl_penalty (beta) must be > 0, got {beta}")
+        raise ConfigError(f"dpo.reference_policy_kl_penalty (beta) must be > 0, got {beta}")
     eps = cfg["label_smoothing"]
     if loss_type in LABEL_SMOOTHING_LOW:
         low = LABEL_SMOOTHING_LOW[loss_type]
         if not low <= eps < 0.5:
             bracket = "(0" if low > 0 else "[0"
-            raise ValueError(
+            raise ConfigError(
                 f"dpo.label_smoothing must be in {bracket}, 0.5) for loss_type {loss_type!r}, "
                 f"got {eps}"
             )
     elif eps != 0:
-        raise ValueError(
+        raise ConfigError(
             f"dpo.label_smoothing must be 0 for loss_type {loss_type!r} (it does not use it); "
             f"got {eps}. Losses that use it: {sorted(LABEL_SMOOTHING_LOW)}"
         )
     if loss_type == "simpo" and not (cfg["reference_free"] and cfg["preference_average_log_probs"]):
-        raise ValueError(
+        raise ConfigError(
             "dpo.loss_type 'simpo' is reference-free with averaged log-probs: set "
             "dpo.reference_free=true and dpo.preference_average_log_probs=true"
         )
     if loss_type == "discopop" and not cfg["discopop_tau"] > 0:
-        raise ValueError(f"dpo.discopop_tau must be > 0, got {cfg['discopop_tau']}")
+        raise ConfigError(f"dpo.discopop_tau must be > 0, got {cfg['discopop_tau']}")
 
 
 def _sequence_logps(logprobs: Tensor, token_mask: Tensor, average: bool) -> Tensor:
@@ -386,7 +345,7 @@ class DPOLossFn:
     configured PREFERENCE_LOSSES entry; L_sft = -logp_c (per token when sft_average_log_probs).
 
     Args:
-        cfg: the loss keys of the `dpo` config section; checked here (ValueError on a bad value).
+        cfg: the loss keys of the `dpo` config section; checked here (ConfigError on a bad value).
     """
 
     def __init__(self, cfg: DPOLossConfig) -> None:

@@ -8,12 +8,11 @@ from rl_toolkit.data.datasets import (
     load_preference_dataset,
     tokenize_preference_dataset,
 )
-from rl_toolkit.data.interfaces import DataConfig, PreferenceDataset, TaskDataSpec
+from rl_toolkit.data.interfaces import PreferenceDataset, TaskDataSpec
 from rl_toolkit.data.rows import PreferenceDataError
 
 __all__ = [
     "DATASET_BUILDERS",
-    "DataConfig",
     "PreferenceDataError",
     "PreferenceDataset",
     "PreferencePairDataset",

@@ -8,9 +8,9 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from rl_toolkit.config_schema import DataConfig
 from rl_toolkit.data.collate import preference_collate_fn
 from rl_toolkit.data.datasets import PreferencePairDataset
-from rl_toolkit.data.interfaces import DataConfig
 
 
 class SeededShuffleSampler(torch.utils.data.Sampler[int]):

@@ -15,10 +15,12 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rl_toolkit.config_schema import DataConfig
 from rl_toolkit.data.hf_datasets import BinaryPreferenceDataset, DPODataset, HelpSteer3Dataset
-from rl_toolkit.data.interfaces import DataConfig, PreferenceDataset, TaskDataSpec, require_key
-from rl_toolkit.data.rows import ROW_KEYS, load_pairs_from_records
+from rl_toolkit.data.interfaces import PreferenceDataset, TaskDataSpec, require_key
+from rl_toolkit.data.rows import ROW_KEYS, PreferenceDataError, load_pairs_from_records
 from rl_toolkit.data.tokenization import OVERLONG_POLICIES, fit_prompt, tokenize_pair
+from rl_toolkit.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ logger = logging.getLogger(__name__)
 def _require_present(data_config: DataConfig, key: str) -> Any:
     """`data.<key>`, which may be null but must be written in the config."""
     if key not in data_config:
-        raise ValueError(
+        raise ConfigError(
             f"data.{key} must be set (null allowed) for "
             f"data.dataset_name={data_config['dataset_name']!r}"
         )
@@ -67,7 +69,7 @@ def _import_dataset_class(dotted_path: str) -> Callable[[DataConfig], Preference
     try:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:
-        raise ValueError(
+        raise ConfigError(
             f"data.dataset_name={dotted_path!r}: cannot import it as module.Class ({error})"
         ) from None
 
@@ -76,18 +78,18 @@ def _check_user_dataset(dataset: Any, name: str) -> None:
     """A user class must expose formatted_ds (train, validation) with valid rows, and task_spec."""
     formatted = getattr(dataset, "formatted_ds", None)
     if not isinstance(formatted, dict) or not {"train", "validation"} <= set(formatted):
-        raise ValueError(
+        raise ConfigError(
             f"{name}: formatted_ds must be a dict with 'train' and 'validation' datasets"
         )
     if not hasattr(dataset, "task_spec"):
-        raise ValueError(f"{name}: the dataset has no task_spec")
+        raise ConfigError(f"{name}: the dataset has no task_spec")
     for split in ("train", "validation"):
         rows = formatted[split]
         if not isinstance(rows, datasets.Dataset):
-            raise ValueError(f"{name}: formatted_ds[{split!r}] must be a datasets.Dataset")
+            raise ConfigError(f"{name}: formatted_ds[{split!r}] must be a datasets.Dataset")
         missing = set(ROW_KEYS) - set(rows.column_names)
         if missing:
-            raise ValueError(f"{name}: formatted_ds[{split!r}] lacks columns {sorted(missing)}")
+            raise ConfigError(f"{name}: formatted_ds[{split!r}] lacks columns {sorted(missing)}")
         records = [(index + 1, row) for index, row in enumerate(rows)]
         load_pairs_from_records(
             records,
@@ -113,7 +115,7 @@ def load_preference_dataset(data_config: DataConfig) -> PreferenceDataset:
     if name in DATASET_BUILDERS:
         return DATASET_BUILDERS[name](data_config)
     if "." not in name:
-        raise ValueError(
+        raise ConfigError(
             f"data.dataset_name={name!r} is unknown; expected one of {sorted(DATASET_BUILDERS)} "
             "or the dotted path of a dataset class (my_pkg.module.MyDataset)"
         )
@@ -127,6 +129,9 @@ def load_preference_dataset(data_config: DataConfig) -> PreferenceDataset:
 # tokenizer (more with a large one), as much as a few hundred short rows take to tokenise.
 MIN_ROWS_PER_PROCESS = 256
 
+# Why a pair is dropped ("" when it is kept), in the `dropped` column of a tokenised row.
+_IDENTICAL, _OVERLONG = "chosen == rejected", "overlong"
+
 # A dropped pair (or, in a worker, a bad row) keeps no tokens; a kept pair's prompt has at least one.
 _NO_TOKENS = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "truncated": False}
 
@@ -138,9 +143,13 @@ _TOKENIZED_FEATURES = datasets.Features(
         "chosen_ids": datasets.List(datasets.Value("int64")),
         "rejected_ids": datasets.List(datasets.Value("int64")),
         "truncated": datasets.Value("bool"),
+        "dropped": datasets.Value("string"),
         "error": datasets.Value("string"),
     }
 )
+
+# How many row numbers of dropped pairs the log names, per reason.
+_NUM_ROWS_LOGGED = 5
 
 
 def _tokenize_row(
@@ -156,7 +165,8 @@ def _tokenize_row(
 
     Returns:
         {"prompt_ids" (the fitted prompt), "chosen_ids", "rejected_ids" (responses with EOS),
-        "truncated"}; the id lists are empty when the pair is dropped.
+        "truncated", "dropped"}; the id lists are empty and "dropped" says why when the pair
+        is dropped: its responses are the same tokens (nothing to prefer), or it is too long.
     """
     prompt_ids, chosen_ids, rejected_ids = tokenize_pair(
         tokenizer,
@@ -165,6 +175,8 @@ def _tokenize_row(
         row["rejected_response"],
         f"{source}, row {index + 1}",
     )
+    if chosen_ids == rejected_ids:
+        return {**_NO_TOKENS, "dropped": _IDENTICAL}
     fitted = fit_prompt(
         prompt_ids,
         max(len(chosen_ids), len(rejected_ids)),
@@ -173,25 +185,26 @@ def _tokenize_row(
         bos_id=tokenizer.bos_token_id,
     )
     if fitted is None:
-        return dict(_NO_TOKENS)
+        return {**_NO_TOKENS, "dropped": _OVERLONG}
     return {
         "prompt_ids": fitted,
         "chosen_ids": chosen_ids,
         "rejected_ids": rejected_ids,
         "truncated": len(fitted) < len(prompt_ids),
+        "dropped": "",
     }
 
 
 def _tokenize_row_or_error(row: dict[str, Any], index: int, **kwargs: Any) -> dict[str, Any]:
-    """`_tokenize_row` for Dataset.map: a bad row's ValueError becomes its `error` column.
+    """`_tokenize_row` for Dataset.map: a bad row's error becomes its `error` column.
 
     The parent then raises the first bad row's message, as the in-process loop does, instead of
     whichever worker fails first with an exception wrapped by the process pool.
     """
     try:
         return {**_tokenize_row(row, index, **kwargs), "error": ""}
-    except ValueError as error:
-        return {**_NO_TOKENS, "error": str(error)}
+    except PreferenceDataError as error:
+        return {**_NO_TOKENS, "dropped": "", "error": str(error)}
 
 
 def _tokenize_in_processes(
@@ -214,18 +227,23 @@ def _tokenize_in_processes(
     )
     first_error = next((error for error in tokenized["error"] if error), None)
     if first_error is not None:
-        raise ValueError(first_error)
+        raise PreferenceDataError(first_error)
     return tokenized.remove_columns("error").to_list()
 
 
-def _build_items(tokenized: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """The dataset's items from `_tokenize_row`'s results in row order, and the truncated count."""
+def _build_items(
+    tokenized: Iterable[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], int, dict[str, list[int]]]:
+    """The dataset's items from `_tokenize_row`'s results in row order, the truncated count,
+    and the 1-based row numbers of the dropped pairs by reason."""
     items = []
     num_truncated = 0
+    dropped_rows: dict[str, list[int]] = {_IDENTICAL: [], _OVERLONG: []}
     for pair_id, pair in enumerate(tokenized):
-        prompt_ids = pair["prompt_ids"]
-        if not prompt_ids:  # dropped
+        if pair["dropped"]:
+            dropped_rows[pair["dropped"]].append(pair_id + 1)
             continue
+        prompt_ids = pair["prompt_ids"]
         num_truncated += pair["truncated"]
         items.append(
             {
@@ -239,7 +257,15 @@ def _build_items(tokenized: Iterable[dict[str, Any]]) -> tuple[list[dict[str, An
                 ),
             }
         )
-    return items, num_truncated
+    return items, num_truncated, dropped_rows
+
+
+def _first_rows(row_numbers: list[int]) -> str:
+    """ " (rows 3, 8, ...)" for a log line: where to look for the first few of these pairs."""
+    if not row_numbers:
+        return ""
+    shown = ", ".join(str(number) for number in row_numbers[:_NUM_ROWS_LOGGED])
+    return f" (rows {shown}{', ...' if len(row_numbers) > _NUM_ROWS_LOGGED else ''})"
 
 
 class PreferencePairDataset(torch.utils.data.Dataset):
@@ -261,7 +287,10 @@ class PreferencePairDataset(torch.utils.data.Dataset):
             fewer processes, down to none but this one.
 
     Attributes:
-        counts: {"num_rows", "num_pairs", "num_dropped", "num_truncated"}.
+        counts: {"num_rows", "num_pairs", "num_dropped" (= "num_identical" + "num_overlong"),
+            "num_truncated"}. A pair is dropped when its two responses are the same tokens
+            (nothing to prefer) or when it does not fit the length policy.
+        dropped_rows: {reason: 1-based row numbers (within the split) of the dropped pairs}.
         task_spec: as given.
     """
 
@@ -278,11 +307,11 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     ) -> None:
         self.task_spec = task_spec
         if overlong_policy not in OVERLONG_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"data.overlong_policy={overlong_policy!r}; expected one of {OVERLONG_POLICIES}"
             )
         if num_proc < 1:
-            raise ValueError(f"data.tokenize_num_proc={num_proc}; expected an integer >= 1")
+            raise ConfigError(f"data.tokenize_num_proc={num_proc}; expected an integer >= 1")
         kwargs = {
             "tokenizer": tokenizer,
             "max_total_sequence_length": max_total_sequence_length,
@@ -294,31 +323,37 @@ class PreferencePairDataset(torch.utils.data.Dataset):
             tokenized = _tokenize_in_processes(rows, num_processes, kwargs)
         else:  # lazily, so that a bad row stops the loop at once
             tokenized = (_tokenize_row(row, index, **kwargs) for index, row in enumerate(rows))
-        self.items, num_truncated = _build_items(tokenized)
+        self.items, num_truncated, self.dropped_rows = _build_items(tokenized)
         self.counts = {
             "num_rows": len(rows),
             "num_pairs": len(self.items),
             "num_dropped": len(rows) - len(self.items),
+            "num_identical": len(self.dropped_rows[_IDENTICAL]),
+            "num_overlong": len(self.dropped_rows[_OVERLONG]),
             "num_truncated": num_truncated,
         }
         self._log_counts(source, max_total_sequence_length, overlong_policy)
         if not self.items:
-            raise ValueError(
+            raise PreferenceDataError(
                 f"{source}: no pair fits in {max_total_sequence_length} tokens; raise "
                 "policy.max_total_sequence_length or use data.overlong_policy=truncate_prompt"
             )
 
     def _log_counts(self, source: str, max_length: int, overlong_policy: str) -> None:
+        """One line: pairs kept, and each drop policy's count with its first row numbers."""
         counts = self.counts
         log = logger.warning if counts["num_dropped"] or counts["num_truncated"] else logger.info
         log(
-            "%s: %d pairs from %d rows; longer than %d tokens: %d dropped, %d prompts truncated "
-            "(data.overlong_policy=%s)",
+            "%s: %d pairs from %d rows; dropped %d with chosen == rejected%s and %d longer than "
+            "%d tokens%s; %d prompts truncated (data.overlong_policy=%s)",
             source,
             counts["num_pairs"],
             counts["num_rows"],
+            counts["num_identical"],
+            _first_rows(self.dropped_rows[_IDENTICAL]),
+            counts["num_overlong"],
             max_length,
-            counts["num_dropped"],
+            _first_rows(self.dropped_rows[_OVERLONG]),
             counts["num_truncated"],
             overlong_policy,
         )
@@ -351,6 +386,9 @@ def tokenize_preference_dataset(
         The tokenised PreferencePairDataset.
     """
     source = task_spec["task_name"] + (f"[{rows.split}]" if rows.split else "")
+    path_key = {"train": "train_data_path", "validation": "val_data_path"}.get(str(rows.split))
+    if path_key is not None and data_config.get(path_key) is not None:
+        source += f" ({data_config[path_key]})"  # rows are numbered from 1 within the split
     return PreferencePairDataset(
         rows,
         tokenizer,

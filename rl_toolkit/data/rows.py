@@ -9,16 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rl_toolkit.data.interfaces import Text
+from rl_toolkit.utils.config import ConfigError
 
 JSON_LINES_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 ROW_KEYS = ("prompt", "chosen_response", "rejected_response")
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(ConfigError):
     """A preference file or row is malformed; the message names the source and the row."""
 
 
@@ -40,20 +42,12 @@ def read_records(path: str) -> list[tuple[int, Any]]:
     if not file.is_file():
         raise PreferenceDataError(f"{path}: no such data file")
     if file.suffix in JSON_LINES_SUFFIXES:
-        records = []
-        with file.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append((line_number, json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise PreferenceDataError(
-                        f"{path}, row {line_number}: malformed JSON ({error.msg} at column "
-                        f"{error.colno}); expected one JSON object per line"
-                    ) from None
+        records = _read_json_lines(file, path)
     elif file.suffix in PARQUET_SUFFIXES:
-        rows = pq.read_table(file).to_pylist()
+        try:
+            rows = pq.read_table(file).to_pylist()
+        except (pa.ArrowException, OSError) as error:
+            raise PreferenceDataError(f"{path}: not a readable parquet file ({error})") from None
         records = [(index + 1, row) for index, row in enumerate(rows)]
     else:
         raise PreferenceDataError(
@@ -62,6 +56,31 @@ def read_records(path: str) -> list[tuple[int, Any]]:
         )
     if not records:
         raise PreferenceDataError(f"{path}: the file holds no rows")
+    return records
+
+
+def _read_json_lines(file: Path, path: str) -> list[tuple[int, Any]]:
+    """`(line_number, record)` of every non-blank line; bytes are decoded line by line, so that
+    a byte that is not UTF-8 is reported with its line."""
+    records = []
+    with file.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise PreferenceDataError(
+                    f"{path}, row {line_number}: byte {raw[error.start]:#04x} at column "
+                    f"{error.start + 1} is not UTF-8; save the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                records.append((line_number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise PreferenceDataError(
+                    f"{path}, row {line_number}: malformed JSON ({error.msg} at column "
+                    f"{error.colno}); expected one JSON object per line"
+                ) from None
     return records
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from rl_toolkit.data.interfaces import Text
+from rl_toolkit.data.rows import PreferenceDataError
 
 OVERLONG_POLICIES = ("drop", "truncate_prompt")
 
@@ -45,7 +46,7 @@ def _render(
 
 def _check_plain_text(value: Text, key: str, where: str) -> str:
     if isinstance(value, list):
-        raise ValueError(
+        raise PreferenceDataError(
             f"{where}: {key!r} is a list of chat messages but the tokenizer has no chat "
             "template; use a tokenizer with one, or plain-text data"
         )
@@ -71,12 +72,14 @@ def tokenize_pair(
         prompt_ids + response_ids, and BOS (if the tokenizer has one) appears only at its head.
 
     Raises:
-        ValueError: messages without a chat template, an empty prompt, or a template whose
+        PreferenceDataError: messages without a chat template, an empty prompt, or a template whose
             prompt rendering is not a token prefix of the full conversation.
     """
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
-        raise ValueError("the tokenizer has no EOS token; DPO responses must end with one")
+        raise PreferenceDataError(
+            "the tokenizer has no EOS token; DPO responses must end with one (set policy.tokenizer.name to a tokenizer with one)"
+        )
     if tokenizer.chat_template is None:
         prompt_text = _check_plain_text(prompt, "prompt", where)
         prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
@@ -92,7 +95,7 @@ def tokenize_pair(
         for key, response in (("chosen_response", chosen), ("rejected_response", rejected)):
             full = _render(tokenizer, prompt_messages + _as_messages(response, "assistant"), False)
             if full[: len(prompt_ids)] != prompt_ids:
-                raise ValueError(
+                raise PreferenceDataError(
                     f"{where}: the chat template renders the prompt (with the generation prompt) "
                     f"to tokens that are not a prefix of the prompt + {key} conversation, so the "
                     "response tokens cannot be told apart; fix the template or the data"
@@ -100,7 +103,7 @@ def tokenize_pair(
             response_ids = full[len(prompt_ids) :]
             responses.append(response_ids if eos_id in response_ids else response_ids + [eos_id])
     if not prompt_ids:
-        raise ValueError(f"{where}: the prompt has no tokens")
+        raise PreferenceDataError(f"{where}: the prompt has no tokens")
     return prompt_ids, responses[0], responses[1]
 
 

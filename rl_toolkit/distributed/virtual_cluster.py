@@ -8,12 +8,15 @@ uses `get_bundles()` to learn which node each bundle landed on.
 
 import logging
 import os
-from typing import NamedTuple, TypedDict
+from typing import NamedTuple
 
 import ray
 from ray._private import ray_constants
 from ray._private.services import find_bootstrap_address
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
+
+from rl_toolkit.config_schema import ClusterConfig, PolicyConfig, num_workers
+from rl_toolkit.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +45,6 @@ _DRIVER_ONLY_ENV_PREFIXES = ("SLURM", "RAY_")
 
 _PER_NODE_STRATEGY = "STRICT_PACK"
 _ONE_GROUP_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
-
-
-class ClusterConfig(TypedDict):
-    """The `cluster` section of the config.
-
-    Attributes:
-        gpus_per_node: workers (bundles) per node: GPUs per node, or CPU workers per node in CPU
-            mode.
-        num_nodes: number of nodes.
-    """
-
-    gpus_per_node: int
-    num_nodes: int
 
 
 def _worker_env_vars() -> dict[str, str]:
@@ -297,3 +287,50 @@ def _resources_per_node(resources: list[str]) -> list[str]:
             totals = {key: node["Resources"].get(key, 0) for key in resources}
             summary.append(f"{node['NodeManagerAddress']} total {totals}")
     return summary
+
+
+def check_cluster_fits(cluster: ClusterConfig, policy: PolicyConfig) -> None:
+    """The Ray cluster has the GPUs (or CPUs) the workers ask for, and the precision fits.
+
+    Called on the driver once Ray is up, before any placement group or worker exists.
+
+    Raises:
+        ConfigError: one line naming the cluster.* or policy.* key and what the cluster has.
+    """
+    total = ray.cluster_resources()
+    workers, num_gpus = num_workers(cluster), int(total.get("GPU", 0))
+    asked = (
+        f"cluster.gpus_per_node={cluster['gpus_per_node']} x "
+        f"cluster.num_nodes={cluster['num_nodes']} = {workers} workers"
+    )
+    if num_gpus == 0:
+        if policy["precision"] == "bfloat16":
+            raise ConfigError(
+                "policy.precision=bfloat16 needs GPU workers, but the Ray cluster has no GPU; "
+                "use policy.precision=float32 on CPU"
+            )
+        if policy["fsdp"]["cpu_offload"]:
+            raise ConfigError(
+                "policy.fsdp.cpu_offload=true needs GPU workers (on CPU the weights are in host "
+                "memory already), but the Ray cluster has no GPU; set it to false"
+            )
+        num_cpus = int(total.get("CPU", 0))
+        if workers > num_cpus:
+            raise ConfigError(
+                f"{asked}, one CPU each, but the Ray cluster has {num_cpus} CPUs and no GPU; "
+                "lower cluster.gpus_per_node"
+            )
+        return
+    if workers > num_gpus:
+        raise ConfigError(
+            f"{asked}, one GPU each, but the Ray cluster has {num_gpus} GPUs; lower "
+            "cluster.gpus_per_node or cluster.num_nodes"
+        )
+    most_on_a_node = max(
+        int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]
+    )
+    if cluster["gpus_per_node"] > most_on_a_node:
+        raise ConfigError(
+            f"cluster.gpus_per_node={cluster['gpus_per_node']}, but no node of the Ray cluster "
+            f"has more than {most_on_a_node} GPUs"
+        )

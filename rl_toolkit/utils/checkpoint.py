@@ -17,10 +17,12 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any
 
 import numpy as np
 import torch
+
+from rl_toolkit.config_schema import CheckpointingConfig
 
 _log = logging.getLogger(__name__)
 
@@ -32,31 +34,6 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 # Prefixes of folders that are never checkpoints: work in progress and deletions in progress.
 _TMP_PREFIX = "tmp_"
 _TRASH_PREFIX = "trash_"
-
-
-class CheckpointingConfig(TypedDict):
-    """The `checkpointing` section of the config (defaults in configs/dpo.yaml).
-
-    enabled: save checkpoints and resume from them; when False the manager touches no file.
-    checkpoint_dir: the run folder that holds the `step_N` checkpoints.
-    save_period: save every this many training steps (the recipe also saves at the end).
-    keep_top_k: how many of the best checkpoints by `metric_name` to keep besides the latest
-        (the latest `keep_top_k` by step when `metric_name` is None); None keeps all.
-    metric_name: key of `training_info` that ranks checkpoints, e.g. "val_loss".
-    higher_is_better: whether a larger `metric_name` value is better.
-    resume: "auto" (latest complete checkpoint of `checkpoint_dir`, if any), "never" (start
-        fresh, in a new folder if `checkpoint_dir` is not empty), or the path of a `step_N`.
-    save_hf: also write a Hugging Face export (`hf/`) that `from_pretrained` loads.
-    """
-
-    enabled: bool
-    checkpoint_dir: str
-    save_period: int
-    keep_top_k: int | None
-    metric_name: str | None
-    higher_is_better: bool
-    resume: Literal["auto", "never"] | str
-    save_hf: bool
 
 
 def is_complete_checkpoint(path: Path) -> bool:

@@ -22,7 +22,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NotRequired, Required, Union
+from typing import Annotated, Any, Literal, NotRequired, Required, Union
 
 import pydantic
 import typing_extensions
@@ -236,6 +236,8 @@ def validate_config(values: Mapping[str, Any], schema: type, sources: Mapping[st
     """
     errors: list[str] = []
     _check_typed_dict(values, schema, "", sources, errors)
+    if len(errors) == 1:
+        raise ConfigError(f"Invalid config: {errors[0]}")
     if errors:
         raise ConfigError("\n  ".join(["Invalid config:", *errors]))
 
@@ -338,9 +340,26 @@ def _is_typed_dict(tp: Any) -> bool:
     return isinstance(tp, type) and typing_extensions.is_typeddict(tp)
 
 
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Annotated:  # e.g. Annotated[int, Ge(1)] -> "int >= 1"
+        base, *metadata = typing.get_args(tp)
+        bounds = [
+            f"{symbol} {getattr(bound, name)}"
+            for bound in metadata
+            for name, symbol in _BOUNDS.items()
+            if hasattr(bound, name)
+        ]
+        return " and ".join([_type_name(base), *bounds]).replace(" and ", " ", 1)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(member) for member in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
@@ -379,20 +398,34 @@ def parse_cli(
 
 
 def run_cli_with_config(
-    main: typing.Callable[[dict[str, Any]], Any],
+    main: typing.Callable[[Any], Any],
     argv: Sequence[str] | None,
-    default_config: str,
+    default_config: str | os.PathLike,
     description: str,
     schema: type,
+    *,
+    check: typing.Callable[[Any], None] | None = None,
 ) -> Any:
     """Parse the command line, load and validate the config, and call `main(config)`.
 
-    A ConfigError, raised while loading or by `main` before any work starts, is printed as one
-    message (no traceback) and the process exits with status 2.
+    Args:
+        main: the run; it gets the validated config.
+        argv: the command line without the program name.
+        default_config: the config file used without `--config`.
+        description: the `--help` text.
+        schema: the TypedDict the config must match.
+        check: called with the config before `main`, for rules beyond the schema (and to
+            resolve paths); raises ConfigError.
+
+    A ConfigError (a user mistake), raised while loading, by `check` or by `main`, is printed as
+    one message without a traceback and the process exits with status 2. Any other exception
+    propagates with its traceback: it is a bug, not a mistake in the input.
     """
-    config_path, overrides = parse_cli(argv, default_config, description)
+    config_path, overrides = parse_cli(argv, str(default_config), description)
     try:
         config = load_config(config_path, overrides, schema)
+        if check is not None:
+            check(config)
         return main(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

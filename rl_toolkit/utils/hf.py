@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from rl_toolkit.models.policy import TokenizerConfig
+from rl_toolkit.config_schema import PolicyConfig, TokenizerConfig
+from rl_toolkit.utils.config import ConfigError
+
+_log = logging.getLogger(__name__)
 
 
 def looks_local(name: str) -> bool:
@@ -23,12 +27,12 @@ def check_model_path(model_name: str, key: str = "policy.model_name") -> None:
     """Fail fast, in the driver, when the model cannot be found.
 
     Raises:
-        ValueError: a local path that does not exist, or a hub id whose config cannot be loaded.
+        ConfigError: a local path that does not exist, or a hub id whose config cannot be loaded.
     """
     if looks_local(model_name):
         path = Path(model_name).expanduser()
         if not (path / "config.json").is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"{key}: {model_name!r} looks like a local path, but "
                 f"{path / 'config.json'} does not exist"
             )
@@ -36,17 +40,62 @@ def check_model_path(model_name: str, key: str = "policy.model_name") -> None:
     try:
         AutoConfig.from_pretrained(model_name)
     except OSError as e:
-        raise ValueError(f"{key}: cannot load the config of {model_name!r}: {e}") from None
+        raise ConfigError(f"{key}: cannot load the config of {model_name!r}: {e}") from None
+
+
+# What from_pretrained loads weights from; a folder with none of them holds a config only.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def has_weights(model_name: str) -> bool:
+    """Whether the model comes with trained weights: a hub model, or a folder holding them."""
+    if not looks_local(model_name):
+        return True
+    folder = Path(model_name).expanduser()
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def check_policy_model(config: PolicyConfig) -> None:
+    """The model exists and, unless random_init, has weights to load (checked on the driver).
+
+    Raises:
+        ConfigError: naming policy.model_name and what is missing.
+    """
+    check_model_path(config["model_name"])
+    if not config["random_init"] and not has_weights(config["model_name"]):
+        raise ConfigError(
+            f"policy.model_name: {config['model_name']!r} holds a config but no weights (none of "
+            f"{', '.join(WEIGHT_FILES)}); set policy.random_init=true to start from random "
+            "weights seeded by policy.seed"
+        )
+
+
+def warn_if_random_init_of_trained_model(config: PolicyConfig) -> None:
+    """Say loudly when random_init throws away the trained weights of policy.model_name."""
+    if config["random_init"] and has_weights(config["model_name"]):
+        _log.warning(
+            "policy.random_init=true: %s has trained weights, but training starts from RANDOM "
+            "weights built from its config.json; set policy.random_init=false to fine-tune it",
+            config["model_name"],
+        )
 
 
 def get_tokenizer(config: TokenizerConfig) -> PreTrainedTokenizerBase:
     """Load the tokenizer; apply the configured chat template; make sure it has a pad token.
 
     Raises:
-        ValueError: the tokenizer cannot be found.
+        ConfigError: the tokenizer cannot be found.
     """
     check_model_path(config["name"], key="policy.tokenizer.name")
-    tokenizer = AutoTokenizer.from_pretrained(config["name"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config["name"])
+    except OSError as e:  # e.g. a folder with a config.json but no tokenizer files
+        raise ConfigError(f"policy.tokenizer.name: cannot load {config['name']!r}: {e}") from None
     if config["chat_template"] is not None:
         tokenizer.chat_template = config["chat_template"]
     if tokenizer.pad_token is None:

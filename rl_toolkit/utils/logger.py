@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -29,30 +29,10 @@ from rich.progress import (
 )
 from rich.table import Column
 
+from rl_toolkit.config_schema import LoggerConfig, WandbConfig
+
 METRICS_FILE = "metrics.jsonl"
 _RESERVED_KEYS = ("step", "prefix")
-
-
-class WandbConfig(TypedDict):
-    """wandb run identity; the run files go to `<log_dir>/wandb`."""
-
-    project: str
-    name: str
-
-
-class LoggerConfig(TypedDict):
-    """The `logger` section of the config (defaults in configs/dpo.yaml).
-
-    log_dir: folder for metrics.jsonl, `tensorboard/` and `wandb/`.
-    wandb_enabled: log to wandb (set WANDB_MODE=offline to keep the run local).
-    tensorboard_enabled: write TensorBoard event files to `<log_dir>/tensorboard`.
-    wandb: project and run name.
-    """
-
-    log_dir: str
-    wandb_enabled: bool
-    tensorboard_enabled: bool
-    wandb: WandbConfig
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:

@@ -74,7 +74,9 @@ def ray_head():
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def run_dpo(env: dict, out: Path, *overrides: str, script: str = "examples/run_dpo.py"):
+def run_dpo(
+    env: dict, out: Path, *overrides: str, script: str = "examples/run_dpo.py", cwd: Path = REPO
+):
     args = [
         f"checkpointing.checkpoint_dir={out / 'ckpt'}",
         f"logger.log_dir={out / 'logs'}",
@@ -82,8 +84,8 @@ def run_dpo(env: dict, out: Path, *overrides: str, script: str = "examples/run_d
         *overrides,
     ]
     return subprocess.run(
-        [sys.executable, script, *args],
-        cwd=REPO,
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -158,7 +160,10 @@ def test_resume_never_starts_a_fresh_folder(ray_head, straight_run, tmp_path) ->
     straight, _ = straight_run
     shutil.copytree(straight / "ckpt", tmp_path / "ckpt")
     before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    result = run_dpo(ray_head, tmp_path, "checkpointing.resume=never", "dpo.max_num_steps=1")
+    # From another working directory: the embedded config and its assets are found all the same.
+    result = run_dpo(
+        ray_head, tmp_path, "checkpointing.resume=never", "dpo.max_num_steps=1", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
     assert (tmp_path / "ckpt-1" / "step_1" / "training_info.json").is_file()
@@ -174,12 +179,19 @@ def test_resume_never_starts_a_fresh_folder(ray_head, straight_run, tmp_path) ->
         ("policy.model_name=assets/no_such_model", "assets/no_such_model"),
         ("dpo.reference_policy_kl_penalty=-1", "dpo.reference_policy_kl_penalty"),
         ("policy.attn_implementation=flashy", "policy.attn_implementation='flashy'"),
+        ("policy.max_grad_norm=-1", "'policy.max_grad_norm': input should be greater than 0"),
+        ("dpo.val_global_batch_size=6", "dpo.val_global_batch_size=6 must split into whole pairs"),
+        # Found once Ray is up (the head has 4 CPUs), before any placement group or worker.
+        ("cluster.gpus_per_node=8", "8 workers, one CPU each, but the Ray cluster has 4 CPUs"),
     ],
 )
 def test_bad_input_fails_before_any_worker_starts(ray_head, tmp_path, override, message) -> None:
     result = run_dpo(ray_head, tmp_path, override)
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    # One line, the last (Ray's own start-up lines may come before it).
+    assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
     assert "RayVirtualCluster" not in result.stdout + result.stderr  # no cluster, no workers
     assert not (tmp_path / "ckpt").exists()

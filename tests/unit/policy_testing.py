@@ -8,8 +8,8 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rl_toolkit.config_schema import PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.models.policy import PolicyConfig
 
 VOCAB_SIZE = 64
 PAD_ID = 0

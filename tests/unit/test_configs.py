@@ -7,17 +7,36 @@ import pytest
 
 from rl_toolkit.algorithms.dpo import MasterConfig
 from rl_toolkit.algorithms.loss_functions import validate_dpo_loss_config
+from rl_toolkit.config_schema import check_master_config
 from rl_toolkit.utils.config import load_config, load_yaml_with_defaults
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted((CONFIGS / "recipes").glob("*.yaml"))
+TINY = CONFIGS / "dpo_tiny.yaml"
 
 
-@pytest.mark.parametrize("path", [CONFIGS / "dpo.yaml", *RECIPES], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [CONFIGS / "dpo.yaml", TINY, *RECIPES], ids=lambda p: p.name)
 def test_config_validates(path: Path) -> None:
     config = load_config(path, schema=MasterConfig)
     validate_dpo_loss_config(config["dpo"])
-    assert config["policy"]["train_global_batch_size"] % 2 == 0
+    check_master_config(config)
+
+
+def test_base_defaults_are_for_real_models() -> None:
+    # A config that sets only policy.model_name fine-tunes that model, as NeMo RL's would.
+    config = load_config(CONFIGS / "dpo.yaml", schema=MasterConfig)
+    policy = config["policy"]
+    assert policy["random_init"] is False and policy["precision"] == "bfloat16"
+    assert policy["optimizer"]["kwargs"]["lr"] == 5.0e-6
+    assert config["dpo"]["reference_policy_kl_penalty"] == 0.05
+    assert policy["max_total_sequence_length"] >= 1024
+
+
+def test_the_embedded_default_is_a_small_override_of_the_base() -> None:
+    assert TINY.read_text().count("\ndefaults: dpo.yaml\n") == 1
+    config = load_config(TINY, schema=MasterConfig)
+    assert config["policy"]["model_name"] == "assets/tiny_llama"
+    assert config["policy"]["random_init"] is True and config["cluster"]["gpus_per_node"] == 2
 
 
 def test_every_default_is_commented() -> None:
@@ -32,7 +51,7 @@ def test_every_default_is_commented() -> None:
 
 def test_recipes_only_set_keys_the_base_has() -> None:
     base = set(load_yaml_with_defaults(CONFIGS / "dpo.yaml").sources)
-    for recipe in RECIPES:
+    for recipe in [TINY, *RECIPES]:
         keys = set(load_yaml_with_defaults(recipe).sources)
         assert keys <= base | {k for k in keys if k.startswith("policy.scheduler")}, recipe
 

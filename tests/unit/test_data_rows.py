@@ -15,6 +15,7 @@ from rl_toolkit.data.hf_datasets import (
     HelpSteer3Dataset,
     format_helpsteer3,
 )
+from rl_toolkit.utils.config import ConfigError
 
 GOOD = {"prompt": "2 + 2 =", "chosen_response": "4", "rejected_response": "5"}
 CHAT = [{"role": "user", "content": "hi"}]
@@ -250,3 +251,26 @@ def test_load_preference_dataset_by_name(tmp_path: Path) -> None:
 def test_load_preference_dataset_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_preference_dataset(data_config(**overrides))
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path: Path) -> None:
+    good = json.dumps({"prompt": "hi", "chosen_response": "a", "rejected_response": "b"})
+    bad = tmp_path / "t.jsonl"
+    bad.write_bytes(f"{good}\n{good}\n".encode() + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(PreferenceDataError) as error:
+        DPODataset(str(bad), str(bad))
+    assert str(error.value) == (
+        f"{bad}, row 3: byte 0xe9 at column 16 is not UTF-8; save the file as UTF-8"
+    )
+
+
+def test_unreadable_parquet_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "t.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(PreferenceDataError, match=f"{re.escape(str(bad))}: not a readable parquet"):
+        DPODataset(str(bad), str(bad))
+
+
+def test_data_errors_are_config_errors() -> None:
+    # A user's data mistake exits with status 2 and one line (run_cli_with_config).
+    assert issubclass(PreferenceDataError, ConfigError)

@@ -1,6 +1,9 @@
 """Tests for tokenising pairs: chat template and plain text, BOS once, response-only mask,
 the template prefix check, and the length policy with its counts."""
 
+import json
+from pathlib import Path
+
 import datasets
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -160,11 +163,17 @@ ROWS = [
         # plain text, limit 5: row 1 is "<s> hi" + "hello </s>" = 2 + 2 = 4 tokens; row 2's
         # prompt "<s> what is two plus two" is 6 tokens (8 in all); row 3's chosen response is
         # 9 tokens, too long even alone.
-        ("drop", {"num_rows": 3, "num_pairs": 1, "num_dropped": 2, "num_truncated": 0}, [2]),
+        (
+            "drop",
+            {"num_rows": 3, "num_pairs": 1, "num_dropped": 2, "num_identical": 0}
+            | {"num_overlong": 2, "num_truncated": 0},
+            [2],
+        ),
         # row 2's prompt keeps BOS + its last 2 tokens (5 - 2 for the response - 1 for BOS)
         (
             "truncate_prompt",
-            {"num_rows": 3, "num_pairs": 2, "num_dropped": 1, "num_truncated": 1},
+            {"num_rows": 3, "num_pairs": 2, "num_dropped": 1, "num_identical": 0}
+            | {"num_overlong": 1, "num_truncated": 1},
             [2, 3],
         ),
     ],
@@ -226,3 +235,39 @@ def test_tokenize_preference_dataset_names_task_and_split(tmp_path) -> None:
             data_config,
             max_total_sequence_length=32,
         )
+
+
+def test_identical_and_overlong_pairs_are_dropped_counted_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [
+        {"prompt": "hi", "chosen_response": "hello", "rejected_response": "bye"},
+        {"prompt": "hi", "chosen_response": "same", "rejected_response": "same"},  # row 2
+        {"prompt": "hi", "chosen_response": "a b c d e f g h", "rejected_response": "bye"},  # 3
+        {"prompt": "two", "chosen_response": "four", "rejected_response": "four"},  # row 4
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dataset = DPODataset(str(path), str(path))
+    data_config = {"overlong_policy": "drop", "tokenize_num_proc": 1, "train_data_path": str(path)}
+    pairs = tokenize_preference_dataset(
+        dataset.formatted_ds["train"],
+        make_tokenizer(chat_template=None),
+        dataset.task_spec,
+        data_config,
+        max_total_sequence_length=5,
+    )
+    assert [item["pair_id"] for item in pairs] == [0]
+    assert pairs.counts == {
+        "num_rows": 4,
+        "num_pairs": 1,
+        "num_dropped": 3,
+        "num_identical": 2,
+        "num_overlong": 1,
+        "num_truncated": 0,
+    }
+    assert pairs.dropped_rows == {"chosen == rejected": [2, 4], "overlong": [3]}
+    assert (
+        f"dpo[train] ({path}): 1 pairs from 4 rows; dropped 2 with chosen == rejected (rows 2, "
+        "4) and 1 longer than 5 tokens (rows 3)" in caplog.text
+    )

@@ -57,7 +57,7 @@ class FakePolicy:
 
 @pytest.fixture(scope="module")
 def tiny_data():
-    config = load_config(REPO / "configs" / "dpo.yaml", schema=dpo.MasterConfig)
+    config = load_config(REPO / "configs" / "dpo_tiny.yaml", schema=dpo.MasterConfig)
     config["policy"]["model_name"] = str(REPO / "assets" / "tiny_llama")
     config["policy"]["tokenizer"]["name"] = config["policy"]["model_name"]
     config["data"]["train_data_path"] = str(REPO / "assets" / "tiny_prefs" / "train.jsonl")

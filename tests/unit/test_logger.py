@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl_toolkit.utils.logger import Logger, LoggerConfig, format_metrics, read_metrics
+from rl_toolkit.config_schema import LoggerConfig
+from rl_toolkit.utils.logger import Logger, format_metrics, read_metrics
 from rl_toolkit.utils.timer import Timer, tokens_per_second
 
 

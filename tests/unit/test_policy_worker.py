@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rl_toolkit.algorithms.loss_functions import DPOLossFn
-from rl_toolkit.models.policy import PolicyConfig
+from rl_toolkit.config_schema import PolicyConfig
 from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
 from rl_toolkit.utils.config import validate_config
 from tests.unit.policy_testing import (
@@ -240,11 +240,12 @@ def test_config_mistakes_are_value_errors(tiny, overrides, message):
         FSDP2PolicyWorker(config=make_config(tiny[0], **overrides), tokenizer=make_tokenizer())
 
 
-def test_batch_size_mistakes_are_value_errors(worker):
+def test_batch_sizes_are_the_drivers_to_check(worker):
+    # The driver rejects such sizes in one line (test_config_checks.py); here they are bugs.
     data = make_batch(seed=9)
-    with pytest.raises(ValueError, match="global batch size 6"):
+    with pytest.raises(AssertionError, match="global batch 6 rows"):
         worker.train(data, token_nll_loss, gbs=6)
-    with pytest.raises(ValueError, match="micro-batch size 3"):
+    with pytest.raises(AssertionError, match="micro-batch 3 rows"):
         worker.train(data, token_nll_loss, mbs=3)
 
 

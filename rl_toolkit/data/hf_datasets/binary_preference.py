@@ -11,6 +11,7 @@ import datasets
 
 from rl_toolkit.data.interfaces import TaskDataSpec
 from rl_toolkit.data.rows import is_local_file, load_pairs_from_records, read_records
+from rl_toolkit.utils.config import ConfigError
 
 
 def read_source_records(path: str, split: str | None) -> tuple[list[tuple[int, Any]], str]:
@@ -26,7 +27,7 @@ def read_source_records(path: str, split: str | None) -> tuple[list[tuple[int, A
     if is_local_file(path):
         return read_records(path), path
     if split is None:
-        raise ValueError(
+        raise ConfigError(
             f"{path!r} is not a local file, so it is read as a hub dataset, which needs "
             "data.train_split / data.val_split"
         )

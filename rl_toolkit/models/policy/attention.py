@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from rl_toolkit.utils.config import ConfigError
+
 VARLEN_ATTENTION = "rl_toolkit_varlen"  # the name under transformers' AttentionInterface
 
 
@@ -229,7 +231,7 @@ def _flash_varlen(
 
 
 def check_attn_implementation(name: str) -> None:
-    """Raise ``ValueError`` unless ``policy.attn_implementation`` names an attention.
+    """Raise ``ConfigError`` unless ``policy.attn_implementation`` names an attention.
 
     ``varlen``, ``eager``, or an implementation registered with transformers (``sdpa``,
     ``flash_attention_2``, ``flex_attention``, ...); a Hugging Face hub kernel (``org/repo``) and
@@ -238,7 +240,7 @@ def check_attn_implementation(name: str) -> None:
     known = {"varlen", "eager", *AttentionInterface().valid_keys()} - {VARLEN_ATTENTION}
     if name in known or "/" in name or name.startswith("paged|"):
         return
-    raise ValueError(
+    raise ConfigError(
         f"policy.attn_implementation={name!r}; expected one of {', '.join(sorted(known))}"
     )
 

@@ -9,7 +9,6 @@ shard of the data. Batch sizes count sequences (rows), never pairs.
 """
 
 import copy
-import importlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,8 +38,9 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from rl_toolkit.config_schema import PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.models.policy import PolicyConfig, SchedulerConfig
+from rl_toolkit.models.optim import build_optimizer, build_scheduler
 from rl_toolkit.models.policy.attention import VARLEN_ATTENTION
 from rl_toolkit.models.policy.logprobs import selected_token_logprobs
 from rl_toolkit.models.policy.packing import pack_rows, token_budget_groups
@@ -155,8 +155,8 @@ class FSDP2PolicyWorker:
         self.reference = ReferenceWeights(self.model) if init_reference_model else None
         self.optimizer, self.scheduler = None, None
         if init_optimizer:
-            self.optimizer = _build_optimizer(self.model, config)
-            self.scheduler = _build_scheduler(self.optimizer, config["scheduler"])
+            self.optimizer = build_optimizer(self.model.parameters(), config["optimizer"])
+            self.scheduler = build_scheduler(self.optimizer, config["scheduler"])
         if weights_path is not None:
             self._load_weights(weights_path)
         if optimizer_path is not None:
@@ -239,11 +239,8 @@ class FSDP2PolicyWorker:
         """
         input_ids, input_lengths = micro_batch["input_ids"], micro_batch["input_lengths"]
         seq_len = input_ids.shape[1]
-        if seq_len > self.cfg["max_total_sequence_length"]:
-            raise ValueError(
-                f"batch has sequence length {seq_len} > "
-                f"policy.max_total_sequence_length={self.cfg['max_total_sequence_length']}"
-            )
+        # The driver's data fits every pair to the limit (data.overlong_policy).
+        assert seq_len <= self.cfg["max_total_sequence_length"], f"sequence length {seq_len}"
         positions = torch.arange(seq_len, device=input_ids.device)
         scored = (positions[None, :] >= 1) & (positions[None, :] < input_lengths[:, None])
         if response_only:
@@ -332,18 +329,15 @@ class FSDP2PolicyWorker:
             (logprobs.sum() * 0.0).backward()  # zero gradients, but every reduce-scatter runs
 
     def _check_train_batch(self, data: BatchedDataDict, gbs: int, mbs: int) -> None:
+        # The driver checks the batch sizes against the workers (config_schema, Policy.train).
         rows_per_worker = gbs // self.world_size
-        if gbs % (self.world_size * data.group_size) != 0 or data.size != rows_per_worker:
-            raise ValueError(
-                f"train: global batch size {gbs} rows must split into {self.world_size} equal "
-                f"shards of whole groups (group_size={data.group_size}), and this worker's "
-                f"shard has {data.size} rows (expected {rows_per_worker})"
-            )
-        if mbs % data.group_size != 0 or rows_per_worker % mbs != 0:
-            raise ValueError(
-                f"train: micro-batch size {mbs} rows must be a multiple of group_size="
-                f"{data.group_size} and divide the {rows_per_worker} rows per worker"
-            )
+        assert gbs % (self.world_size * data.group_size) == 0 and data.size == rows_per_worker, (
+            f"global batch {gbs} rows over {self.world_size} workers; this shard: {data.size}"
+        )
+        packing = self.cfg["sequence_packing"]["enabled"]
+        assert packing or (mbs % data.group_size == 0 and rows_per_worker % mbs == 0), (
+            f"micro-batch {mbs} rows, {rows_per_worker} rows per worker"
+        )
 
     def _global_counts(self, data: BatchedDataDict) -> dict[str, torch.Tensor]:
         """Valid sequences, valid response tokens and non-padding tokens of the global batch."""
@@ -708,52 +702,6 @@ def _broadcast_buffers(
                 value.copy_(full_buffers[fqn])
             dist.broadcast(value, src=0)
             setattr(module, name, value)
-
-
-def _build_optimizer(model: nn.Module, cfg: PolicyConfig) -> torch.optim.Optimizer:
-    optimizer_cls = _import_class(cfg["optimizer"]["name"], "policy.optimizer.name")
-    try:
-        return optimizer_cls(model.parameters(), **cfg["optimizer"]["kwargs"])
-    except TypeError as exc:  # e.g. a keyword this optimizer does not take
-        raise ValueError(
-            f"policy.optimizer.kwargs do not fit {cfg['optimizer']['name']}: {exc}"
-        ) from exc
-
-
-def _build_scheduler(
-    optimizer: torch.optim.Optimizer, entries: list[SchedulerConfig]
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """One scheduler, or several chained with ``SequentialLR`` at the listed milestones."""
-    for idx, entry in enumerate(entries):
-        if set(entry) not in ({"name", "kwargs"}, {"milestones"}):
-            raise ValueError(
-                f"policy.scheduler[{idx}]: expected keys {{name, kwargs}} or {{milestones}}, "
-                f"got {sorted(entry)}"
-            )
-    schedulers = [
-        _import_class(entry["name"], f"policy.scheduler[{idx}].name")(optimizer, **entry["kwargs"])
-        for idx, entry in enumerate(entries)
-        if "name" in entry
-    ]
-    milestones = [entry["milestones"] for entry in entries if "milestones" in entry]
-    if len(schedulers) == 1 and not milestones:
-        return schedulers[0]
-    if not schedulers or len(milestones) != 1 or len(milestones[0]) != len(schedulers) - 1:
-        raise ValueError(
-            f"policy.scheduler: expected one or more {{name, kwargs}} entries and, with more "
-            f"than one, a last {{milestones: [...]}} entry with one step per switch; got {entries}"
-        )
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones[0])
-
-
-def _import_class(path: str, key: str) -> type:
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(
-            f"{key}: cannot import {path!r} (expected e.g. 'torch.optim.AdamW')"
-        ) from exc
 
 
 def _load_model_checkpoint(causal_lm: PreTrainedModel, path: str) -> None:

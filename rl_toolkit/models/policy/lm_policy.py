@@ -7,10 +7,10 @@ is in ``RayWorkerGroup``; the workers are ``FSDP2PolicyWorker`` instances, one p
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from rl_toolkit.config_schema import PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.distributed.worker_groups import RayWorkerGroup
-from rl_toolkit.models.policy import PolicyConfig
 from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker, LossFn
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
 

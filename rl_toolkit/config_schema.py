@@ -1,0 +1,390 @@
+"""The config schema: every section's TypedDict, and the rules a valid config follows.
+
+This module imports neither torch nor Ray nor transformers, so that a driver loads and checks
+its config in about a second, before the ~15 s of imports a run needs (examples/run_dpo.py).
+Value ranges are part of the types (``Annotated[int, Ge(1)]``) and are checked with the types
+by ``rl_toolkit.utils.config.validate_config``; the rules that relate several keys are in
+``check_master_config``. Every default lives in configs/dpo.yaml.
+
+Batch sizes count sequences (rows of the batch), never pairs: a DPO global batch of 8 pairs is
+``train_global_batch_size: 16``.
+"""
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, NotRequired
+
+from annotated_types import Ge, Gt, Le
+
+# pydantic (config validation) checks list[SchedulerConfig] only with typing_extensions'
+# TypedDict on Python < 3.12.
+from typing_extensions import TypedDict
+
+from rl_toolkit.utils.config import ConfigError
+
+PositiveInt = Annotated[int, Ge(1)]
+NonNegativeInt = Annotated[int, Ge(0)]
+PositiveFloat = Annotated[float, Gt(0)]
+Fraction = Annotated[float, Ge(0), Le(1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# policy
+
+
+class TokenizerConfig(TypedDict):
+    name: str  # HF hub id or local path
+    chat_template: str | None  # Jinja template overriding the tokenizer's own; None keeps it
+
+
+class FSDPConfig(TypedDict):
+    activation_checkpointing: bool  # recompute each decoder layer's activations in backward
+    cpu_offload: bool  # keep sharded parameters, gradients and optimizer state in host memory
+    reshard_after_forward: bool  # free gathered layer weights after forward (ZeRO-3) or keep them
+
+
+class SequencePackingConfig(TypedDict):
+    """Padding-free micro-batches (docs/guides/dpo.md, "Sequence packing")."""
+
+    enabled: bool  # pack whole pairs into one row per micro-batch, cut by the token budgets
+    train_mb_tokens: PositiveInt  # real tokens per training micro-batch
+    logprob_mb_tokens: PositiveInt  # real tokens per log-prob forward
+
+
+class OptimizerConfig(TypedDict):
+    name: str  # class path, e.g. "torch.optim.AdamW"
+    kwargs: dict[str, Any]  # passed to the constructor, e.g. {lr: 1.0e-6, weight_decay: 0.01}
+
+
+class SchedulerConfig(TypedDict):
+    """One entry of ``PolicyConfig.scheduler``.
+
+    An entry is either a scheduler (``name`` and ``kwargs``) or, last in a list of several
+    schedulers, ``milestones`` alone: the steps at which ``SequentialLR`` moves to the next one.
+    """
+
+    name: NotRequired[str]  # class path, e.g. "torch.optim.lr_scheduler.LinearLR"
+    kwargs: NotRequired[dict[str, Any]]
+    milestones: NotRequired[list[int]]
+
+
+class PolicyConfig(TypedDict):
+    model_name: str  # HF hub id or local path (its config.json is always needed)
+    tokenizer: TokenizerConfig
+    precision: Literal["float32", "bfloat16"]  # compute dtype; bfloat16 needs a GPU
+    random_init: bool  # True: random weights seeded by `seed` from model_name's config
+    seed: int
+    train_global_batch_size: PositiveInt  # sequences per optimizer step, over all workers
+    train_micro_batch_size: PositiveInt  # sequences per forward/backward on one worker
+    logprob_batch_size: PositiveInt  # sequences per forward when computing log-probs
+    max_total_sequence_length: Annotated[int, Ge(2)]  # longest row (prompt + response)
+    logprob_chunk_size: PositiveInt  # tokens whose full-vocabulary logits exist at once
+    # "varlen": rl_toolkit's attention, computed within each sequence only (attention.py); or a
+    # Hugging Face attn_implementation ("sdpa", "eager", "flash_attention_2", ...)
+    attn_implementation: str
+    sequence_packing: SequencePackingConfig
+    fsdp: FSDPConfig
+    optimizer: OptimizerConfig
+    scheduler: list[SchedulerConfig]
+    max_grad_norm: PositiveFloat | None  # clip the global gradient norm to this; None: no clipping
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class DataConfig(TypedDict):
+    """The `data` section of the config. configs/dpo.yaml sets every key; see docs/guides/dpo.md.
+
+    dataset_name: a built-in dataset ("DPODataset", "BinaryPreferenceDataset", "HelpSteer3") or
+        the dotted path of a user class ("my_pkg.module.MyDataset") built as `cls(data_config)`.
+    overlong_policy: what to do with a pair longer than policy.max_total_sequence_length:
+        "drop" it, or "truncate_prompt" from the left (pairs whose response alone does not fit
+        are dropped).
+    pad_to_multiple_of: round the padded length T of every batch up to a multiple of this.
+    shuffle: shuffle the training data each epoch (seeded by dpo.seed).
+    num_workers: dataloader worker processes (0: load in the main process).
+    tokenize_num_proc: processes that tokenise each split up front (1: in this process; small
+        splits are always tokenised in this process).
+
+    Keys only some datasets use (set them to null where unused):
+    train_data_path, val_data_path: local .jsonl / .json / .parquet files, or (for
+        BinaryPreferenceDataset) a HF hub dataset name.
+    train_split, val_split: the split of a hub dataset (BinaryPreferenceDataset with a hub name),
+        e.g. "train" or "train[:95%]".
+    prompt_key, chosen_key, rejected_key: the column names of BinaryPreferenceDataset;
+        prompt_key null means the prompt is implicit (shared leading messages of chosen and
+        rejected conversations).
+    """
+
+    dataset_name: str
+    overlong_policy: Literal["drop", "truncate_prompt"]
+    pad_to_multiple_of: PositiveInt
+    shuffle: bool
+    num_workers: NonNegativeInt
+    tokenize_num_proc: PositiveInt
+    train_data_path: NotRequired[str | None]
+    val_data_path: NotRequired[str | None]
+    train_split: NotRequired[str | None]
+    val_split: NotRequired[str | None]
+    prompt_key: NotRequired[str | None]
+    chosen_key: NotRequired[str | None]
+    rejected_key: NotRequired[str | None]
+
+
+# ---------------------------------------------------------------------------------------------
+# dpo
+
+
+class DPOLossConfig(TypedDict):
+    """The loss-related keys of the `dpo` config section (DPOConfig inherits them).
+
+    reference_policy_kl_penalty: beta, the inverse temperature of the implicit reward (> 0).
+    preference_loss_weight: weight of the preference term.
+    sft_loss_weight: weight of the SFT (negative log-likelihood) term on the chosen responses.
+    preference_average_log_probs: average log-probs over response tokens in the preference
+        term instead of summing them.
+    sft_average_log_probs: average log-probs over response tokens in the SFT term.
+    loss_type: a key of loss_functions.PREFERENCE_LOSSES.
+    label_smoothing: eps, the assumed fraction of flipped labels (sigmoid, robust, aot,
+        aot_pair, simpo: [0, 0.5); exo_pair: (0, 0.5); the other losses require 0).
+    reference_free: use a reference log-prob of 0 (no reference model).
+    simpo_gamma: SimPO's target reward margin gamma (used by loss_type simpo only).
+    discopop_tau: DiscoPOP's modulation temperature tau > 0 (used by loss_type discopop only).
+    """
+
+    reference_policy_kl_penalty: PositiveFloat
+    preference_loss_weight: float
+    sft_loss_weight: float
+    preference_average_log_probs: bool
+    sft_average_log_probs: bool
+    loss_type: Literal[
+        "sigmoid",
+        "robust",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_pair",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "simpo",
+    ]
+    label_smoothing: float
+    reference_free: bool
+    simpo_gamma: float
+    discopop_tau: PositiveFloat
+
+
+class DPOConfig(DPOLossConfig):
+    """The `dpo` section: the loop (below) plus the loss keys of DPOLossConfig.
+
+    max_num_epochs / max_num_steps: training stops at whichever comes first.
+    val_period: validate every this many steps (0: never, except at start and end).
+    val_batches: validation batches per validation (0: the whole validation set).
+    val_global_batch_size / val_micro_batch_size: sequences (2 per pair) per validation batch /
+        micro-batch.
+    val_at_start: validate before the first step.
+    seed: seeds Python, NumPy, torch and the data order.
+    sync_ref_model / ref_model_sync_steps / ref_model_mixup_alpha: TR-DPO; every
+        ref_model_sync_steps steps, reference <- alpha * policy + (1 - alpha) * reference.
+    """
+
+    max_num_epochs: PositiveInt
+    max_num_steps: NonNegativeInt
+    val_period: NonNegativeInt
+    val_batches: NonNegativeInt
+    val_global_batch_size: PositiveInt
+    val_micro_batch_size: PositiveInt
+    val_at_start: bool
+    seed: int
+    sync_ref_model: bool
+    ref_model_sync_steps: PositiveInt
+    ref_model_mixup_alpha: Fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster, checkpointing, logger
+
+
+class ClusterConfig(TypedDict):
+    """The `cluster` section of the config.
+
+    gpus_per_node: workers (bundles) per node: GPUs per node, or CPU workers per node in CPU
+        mode.
+    num_nodes: number of nodes.
+    """
+
+    gpus_per_node: PositiveInt
+    num_nodes: PositiveInt
+
+
+class CheckpointingConfig(TypedDict):
+    """The `checkpointing` section of the config (defaults in configs/dpo.yaml).
+
+    enabled: save checkpoints and resume from them; when False the manager touches no file.
+    checkpoint_dir: the run folder that holds the `step_N` checkpoints.
+    save_period: save every this many training steps (the recipe also saves at the end).
+    keep_top_k: how many of the best checkpoints by `metric_name` to keep besides the latest
+        (the latest `keep_top_k` by step when `metric_name` is None); None keeps all.
+    metric_name: key of `training_info` that ranks checkpoints, e.g. "val_loss".
+    higher_is_better: whether a larger `metric_name` value is better.
+    resume: "auto" (latest complete checkpoint of `checkpoint_dir`, if any), "never" (start
+        fresh, in a new folder if `checkpoint_dir` is not empty), or the path of a `step_N`.
+    save_hf: also write a Hugging Face export (`hf/`) that `from_pretrained` loads.
+    """
+
+    enabled: bool
+    checkpoint_dir: str
+    save_period: PositiveInt
+    keep_top_k: PositiveInt | None
+    metric_name: str | None
+    higher_is_better: bool
+    resume: Literal["auto", "never"] | str
+    save_hf: bool
+
+
+class WandbConfig(TypedDict):
+    """wandb run identity; the run files go to `<log_dir>/wandb`."""
+
+    project: str
+    name: str
+
+
+class LoggerConfig(TypedDict):
+    """The `logger` section of the config (defaults in configs/dpo.yaml).
+
+    log_dir: folder for metrics.jsonl, `tensorboard/` and `wandb/`.
+    wandb_enabled: log to wandb (set WANDB_MODE=offline to keep the run local).
+    tensorboard_enabled: write TensorBoard event files to `<log_dir>/tensorboard`.
+    wandb: project and run name.
+    """
+
+    log_dir: str
+    wandb_enabled: bool
+    tensorboard_enabled: bool
+    wandb: WandbConfig
+
+
+class MasterConfig(TypedDict):
+    """A whole DPO config (configs/dpo.yaml)."""
+
+    policy: PolicyConfig
+    data: DataConfig
+    dpo: DPOConfig
+    logger: LoggerConfig
+    cluster: ClusterConfig
+    checkpointing: CheckpointingConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules between keys
+
+
+def check_master_config(config: MasterConfig) -> None:
+    """Check what the types cannot: batch sizes against the workers, the optimizer's rate, paths.
+
+    Called on the driver before Ray or any worker starts (and cheap enough to call again).
+
+    Raises:
+        ConfigError: one line naming the key, its value and what would be right.
+    """
+    _check_batch_sizes(config)
+    lr = config["policy"]["optimizer"]["kwargs"].get("lr")  # optional: optimizers have defaults
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+        raise ConfigError(f"policy.optimizer.kwargs.lr must be a number > 0, got {lr!r}")
+    if config["dpo"]["sync_ref_model"] and config["dpo"]["reference_free"]:
+        raise ConfigError(
+            "dpo.sync_ref_model=true needs a reference model, but dpo.reference_free=true has "
+            "none; set one of them to false"
+        )
+    if config["checkpointing"]["enabled"]:
+        check_writable_dir(
+            config["checkpointing"]["checkpoint_dir"], "checkpointing.checkpoint_dir"
+        )
+    check_writable_dir(config["logger"]["log_dir"], "logger.log_dir")
+
+
+def num_workers(cluster: ClusterConfig) -> int:
+    """Workers of the policy: one per GPU (or CPU bundle) of every node."""
+    return cluster["gpus_per_node"] * cluster["num_nodes"]
+
+
+def _check_batch_sizes(config: MasterConfig) -> None:
+    """Global batches split into whole pairs per worker; without packing, into micro-batches."""
+    policy, dpo = config["policy"], config["dpo"]
+    workers = num_workers(config["cluster"])
+    packing = policy["sequence_packing"]["enabled"]
+    for gbs_key, gbs, mbs_key, mbs in (
+        ("policy.train_global_batch_size", policy["train_global_batch_size"],
+         "policy.train_micro_batch_size", policy["train_micro_batch_size"]),
+        ("dpo.val_global_batch_size", dpo["val_global_batch_size"],
+         "dpo.val_micro_batch_size", dpo["val_micro_batch_size"]),
+    ):  # fmt: skip
+        if gbs % (2 * workers):
+            raise ConfigError(
+                f"{gbs_key}={gbs} must split into whole pairs (2 sequences each) over "
+                f"{workers} workers (cluster.gpus_per_node x cluster.num_nodes): use a multiple "
+                f"of {2 * workers}"
+            )
+        if packing:
+            continue  # micro-batches are cut by token budgets; the row sizes are unused
+        if mbs % 2 or (gbs // workers) % mbs:
+            raise ConfigError(
+                f"{mbs_key}={mbs} must be even (whole pairs) and divide the {gbs // workers} "
+                f"sequences each of the {workers} workers gets of {gbs_key}={gbs}"
+            )
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    """Fail now, not at the first save after hours of training, if `path` cannot be written.
+
+    Nothing is created: the nearest folder that exists must be a writable folder.
+    """
+    existing = Path(os.path.abspath(path))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={path!r} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path!r} cannot be written: {existing} is not writable")
+
+
+# The rl_toolkit checkout (the folder holding assets/ and configs/), for paths in its configs.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The keys that may name a local file or folder (or else a hub name).
+_PATH_KEYS = (
+    ("policy", "model_name"),
+    ("policy", "tokenizer", "name"),
+    ("data", "train_data_path"),
+    ("data", "val_data_path"),
+)
+
+
+def resolve_local_paths(config: MasterConfig) -> None:
+    """Make the shipped configs work from any working directory, in place.
+
+    A relative path in a model or data key is taken from the working directory when it exists
+    there, else from the rl_toolkit checkout when it exists there (``assets/tiny_llama``);
+    anything else is left as it is (a hub name, or a path whose absence is reported later).
+    """
+    for keys in _PATH_KEYS:
+        section = config
+        for key in keys[:-1]:
+            section = section[key]
+        value = section.get(keys[-1])  # data paths are optional keys
+        if isinstance(value, str) and value:
+            section[keys[-1]] = _in_cwd_or_repo(value)
+
+
+def _in_cwd_or_repo(value: str) -> str:
+    path = Path(value)
+    if path.is_absolute() or value.startswith("~") or path.exists():
+        return value
+    in_repo = REPO_ROOT / path
+    return str(in_repo) if in_repo.exists() else value
