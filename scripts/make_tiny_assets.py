@@ -1,6 +1,6 @@
 """Generate the embedded default model config, tokenizer and preference data.
 
-The default config (`configs/dpo.yaml`) trains a randomly initialised tiny Llama on a small
+The default config (`configs/dpo_tiny.yaml`) trains a randomly initialised tiny Llama on a small
 synthetic preference task so that `uv run examples/run_dpo.py` runs offline on a CPU. Everything
 here comes from a fixed seed and is written in a fixed key order, so running the script again
 gives byte-identical files. No weights are shipped: the model is built from `config.json` with
