@@ -105,6 +105,16 @@ def test_without_max_shard_size_the_weights_are_one_file(tmp_path):
     assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()
 
 
+def test_weights_and_config_are_in_the_export_dtype(tmp_path):
+    model = save_tiny_llama(tmp_path / "model")
+    _export(model, tmp_path / "hf", dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
+    assert loaded.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.to(torch.bfloat16)
+    )
+
+
 def test_generation_config_is_the_models_own_else_derived_from_its_config(tmp_path):
     model = save_tiny_llama(tmp_path / "model")
     own = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=[1, 5])
