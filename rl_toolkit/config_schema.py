@@ -236,6 +236,11 @@ class CheckpointingConfig(TypedDict):
     resume: "auto" (latest complete checkpoint of `checkpoint_dir`, if any), "never" (start
         fresh, in a new folder if `checkpoint_dir` is not empty), or the path of a `step_N`.
     save_hf: also write a Hugging Face export (`hf/`) that `from_pretrained` loads.
+    hf_max_shard_size: the largest weights file of that export, like Hugging Face's
+        max_shard_size ("5GB"); above it the weights are sharded with an index file.
+    push_to_hub: a Hub repo id ("org/name") that the final checkpoint's export is uploaded to
+        (needs save_hf), or None.
+    hub_private: whether push_to_hub creates the repo private (an existing repo keeps its own).
     """
 
     enabled: bool
@@ -246,6 +251,9 @@ class CheckpointingConfig(TypedDict):
     higher_is_better: bool
     resume: Literal["auto", "never"] | str
     save_hf: bool
+    hf_max_shard_size: str
+    push_to_hub: str | None
+    hub_private: bool
 
 
 class WandbConfig(TypedDict):

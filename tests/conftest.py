@@ -47,11 +47,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Tests marked `slurm` submit real jobs (whole nodes on a real cluster), so they run only when
+# asked for: .ci/run sets it after starting its single-node Slurm.
+SLURM_TESTS_ENV = "RL_TOOLKIT_SLURM_TESTS"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked `gpu` when there is no CUDA GPU (the marker's promise in pyproject)."""
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    """Skip tests marked `gpu` without a CUDA GPU, and tests marked `slurm` unless
+    RL_TOOLKIT_SLURM_TESTS=1 (the markers' promises in pyproject)."""
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU")
+    if os.environ.get(SLURM_TESTS_ENV) != "1":
+        skips["slurm"] = pytest.mark.skip(
+            reason=f"submits real Slurm jobs: set {SLURM_TESTS_ENV}=1 to run it (.ci/run does)"
+        )
     for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip_gpu)
+        for marker, skip in skips.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)

@@ -23,7 +23,12 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from rl_toolkit.algorithms.loss_functions import DPOLossFn, validate_dpo_loss_config
-from rl_toolkit.config_schema import DPOConfig, MasterConfig, check_master_config
+from rl_toolkit.config_schema import (
+    CheckpointingConfig,
+    DPOConfig,
+    MasterConfig,
+    check_master_config,
+)
 from rl_toolkit.data import TaskDataSpec, build_dataloader, pad_batch_to
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, check_cluster_fits
@@ -39,6 +44,7 @@ from rl_toolkit.utils.checkpoint import (
 )
 from rl_toolkit.utils.config import save_config
 from rl_toolkit.utils.hf import warn_if_random_init_of_trained_model
+from rl_toolkit.utils.hf_export import check_hf_export_config, parse_shard_size, push_to_hub
 from rl_toolkit.utils.logger import Logger
 from rl_toolkit.utils.timer import Timer, tokens_per_second
 
@@ -184,6 +190,7 @@ def check_config(master_config: MasterConfig) -> None:
     validate_dpo_loss_config(master_config["dpo"])
     check_attn_implementation(master_config["policy"]["attn_implementation"])
     check_optimizer_config(master_config["policy"])
+    check_hf_export_config(master_config["checkpointing"])
 
 
 def set_seed(seed: int) -> None:
@@ -327,7 +334,11 @@ def dpo_train(
             save_period = master_config["checkpointing"]["save_period"]
             if checkpointer.enabled and (is_last or state["total_steps"] % save_period == 0):
                 with timer.time("checkpoint"):
-                    _save_checkpoint(policy, checkpointer, train_dataloader, state, master_config)
+                    saved = _save_checkpoint(
+                        policy, checkpointer, train_dataloader, state, master_config
+                    )
+                if is_last and master_config["checkpointing"]["push_to_hub"] is not None:
+                    _push_to_hub(saved / "hf", master_config["checkpointing"])
             _log_step(logger, metrics, timer, state["total_steps"])
             if is_last:
                 break
@@ -388,17 +399,26 @@ def _save_checkpoint(
     train_dataloader: StatefulDataLoader,
     state: DPOSaveState,
     master_config: MasterConfig,
-) -> None:
-    """Write weights, optimizer, data-loader and RNG state, and the config; then finalize."""
+) -> Path:
+    """Write weights, optimizer, data-loader and RNG state, and the config; then finalize.
+
+    Returns the complete checkpoint's folder."""
     tmp = checkpointer.begin(state["total_steps"])
     paths = _policy_paths(tmp)
     policy.save_checkpoint(**paths)
     if master_config["checkpointing"]["save_hf"]:
-        policy.export_hf(tmp / "hf")
+        max_shard_size = parse_shard_size(master_config["checkpointing"]["hf_max_shard_size"])
+        policy.export_hf(tmp / "hf", max_shard_size=max_shard_size)
     save_dataloader_state(tmp, train_dataloader.state_dict())
     save_rng_state(tmp)
     save_config(master_config, tmp / "config.yaml")
-    checkpointer.finalize(tmp, state["total_steps"], dict(state))
+    return checkpointer.finalize(tmp, state["total_steps"], dict(state))
+
+
+def _push_to_hub(export: Path, config: CheckpointingConfig) -> None:
+    print(f"Uploading {export} to the Hugging Face Hub repo {config['push_to_hub']}")
+    url = push_to_hub(export, config["push_to_hub"], private=config["hub_private"])
+    print(f"Uploaded: {url}")
 
 
 # What the console shows; every metric goes to metrics.jsonl, TensorBoard and wandb.

@@ -9,8 +9,9 @@ Each preference loss is a pure function of the four per-sequence log-probs of a 
 (written pc, pr, rc, rr in the code; positional-only), where every input is `[num_pairs]`
 (log-probs already summed, or averaged, over the response tokens). s(x) is the logistic
 sigmoid and h = (pc - rc) - (pr - rr) the DPO margin. `PREFERENCE_LOSSES` maps the config
-name (`dpo.loss_type`) to the function. The definitions follow TRL's `DPOTrainer.dpo_loss`;
-the papers are cited in each docstring.
+name (`dpo.loss_type`) to the function. The definitions follow TRL's `DPOTrainer` (1.16) except
+where docs/guides/dpo.md says otherwise (label smoothing in `sigmoid`, the `aot_pair` name, `ipo`
+averaging, `simpo`); the papers are cited in each docstring.
 
 `DPOLossFn` and `NLLLossFn` follow the calling convention of docs/design.md: called once per
 micro-batch, they return that micro-batch's share of the global-batch loss (already divided by
@@ -129,10 +130,11 @@ def bco_pair_loss(
     """BCO (pairwise): -log s(r_c - delta) - log s(-(r_r - delta)), r = beta (logp - ref).
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment".
-    The paper (and TRL) set the reference point delta to a running mean of the rewards kept by
-    each trainer process. Here delta = 0: a per-worker running mean would make the update depend
-    on the number of workers and on the micro-batch split, and the rewards start at 0 when the
-    policy starts from the reference, so the two agree at the start of training.
+    The paper (and earlier TRL releases) set the reference point delta to a running mean of the
+    rewards kept by each trainer process. Here, as in TRL 1.16, delta = 0: a per-worker running
+    mean would make the update depend on the number of workers and on the micro-batch split, and
+    the rewards start at 0 when the policy starts from the reference, so the two agree at the
+    start of training.
     """
     return -F.logsigmoid(beta * (pc - rc)) - F.logsigmoid(-beta * (pr - rr))
 
@@ -151,7 +153,7 @@ def sppo_hard_loss(
 def aot_loss(
     pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
 ) -> Tensor:
-    """AOT (unpaired): sigmoid loss on sort(pc - pr) - sort(rc - rr).
+    """AOT for paired data: sigmoid loss on sort(pc - pr) - sort(rc - rr).
 
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport":
     the policy's margins should stochastically dominate the reference's. The sort runs
@@ -165,11 +167,11 @@ def aot_loss(
 def aot_pair_loss(
     pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
 ) -> Tensor:
-    """AOT (paired): sigmoid loss on sort(pc - rc) - sort(pr - rr).
+    """AOT for unpaired data: sigmoid loss on sort(pc - rc) - sort(pr - rr).
 
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport":
-    chosen log-ratios should dominate rejected ones. Sorted within the micro-batch, as
-    for `aot_loss`.
+    chosen log-ratios should dominate rejected ones, whichever pairs they come from (TRL 1.16
+    calls this loss `aot_unpaired`). Sorted within the micro-batch, as for `aot_loss`.
     """
     delta = torch.sort(pc - rc, dim=0).values - torch.sort(pr - rr, dim=0).values
     return _smoothed_logistic(beta * delta, label_smoothing)

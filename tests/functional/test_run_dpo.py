@@ -183,6 +183,7 @@ def test_resume_never_starts_a_fresh_folder(ray_head, straight_run, tmp_path) ->
         ("dpo.val_global_batch_size=6", "dpo.val_global_batch_size=6 must split into whole pairs"),
         # Found once Ray is up (the head has 4 CPUs), before any placement group or worker.
         ("cluster.gpus_per_node=8", "8 workers, one CPU each, but the Ray cluster has 4 CPUs"),
+        ("checkpointing.push_to_hub=org/two words", "checkpointing.push_to_hub: 'org/two words'"),
     ],
 )
 def test_bad_input_fails_before_any_worker_starts(ray_head, tmp_path, override, message) -> None:

@@ -1,10 +1,12 @@
-"""Fixtures shared by the policy tests."""
+"""Fixtures shared by the policy and export tests."""
 
 from collections.abc import Iterator
 
+import huggingface_hub
 import pytest
 import torch
 
+from tests.unit.hub_standin import HubStandIn
 from tests.unit.policy_testing import save_tiny_llama
 
 
@@ -21,3 +23,19 @@ def tiny(tmp_path_factory):
     """A tiny Llama saved to disk: (its directory, the HF model of its initial weights)."""
     path = tmp_path_factory.mktemp("tiny_llama")
     return path, save_tiny_llama(path)
+
+
+@pytest.fixture
+def hub(monkeypatch) -> Iterator[HubStandIn]:
+    """The Hub stand-in as huggingface_hub's endpoint (what HF_ENDPOINT sets), a token in HF_TOKEN.
+
+    Xet uploads are off (the stand-in speaks the LFS protocol) and offline mode too, in case the
+    environment sets HF_HUB_OFFLINE: nothing reaches beyond 127.0.0.1 either way.
+    """
+    standin = HubStandIn()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", standin.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_standin_token")
+    yield standin
+    standin.close()

@@ -9,6 +9,7 @@ from rl_toolkit.algorithms.dpo import MasterConfig
 from rl_toolkit.algorithms.loss_functions import validate_dpo_loss_config
 from rl_toolkit.config_schema import check_master_config
 from rl_toolkit.utils.config import load_config, load_yaml_with_defaults
+from rl_toolkit.utils.hf_export import check_hf_export_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = sorted((CONFIGS / "recipes").glob("*.yaml"))
@@ -19,6 +20,7 @@ TINY = CONFIGS / "dpo_tiny.yaml"
 def test_config_validates(path: Path) -> None:
     config = load_config(path, schema=MasterConfig)
     validate_dpo_loss_config(config["dpo"])
+    check_hf_export_config(config["checkpointing"])
     check_master_config(config)
 
 

@@ -51,8 +51,10 @@ class FakePolicy:
         Path(weights_path).mkdir(parents=True)
         (Path(weights_path) / "steps.json").write_text(json.dumps(self.steps))
 
-    def export_hf(self, path):
+    def export_hf(self, path, max_shard_size=None):
+        self.calls.append(("export", (self.steps, max_shard_size)))
         Path(path).mkdir(parents=True)
+        (Path(path) / "steps.json").write_text(json.dumps(self.steps))
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +208,22 @@ def test_save_period_end_and_retention(tmp_path, tiny_data) -> None:
         assert (step_7 / name).exists(), name
     info = json.loads((step_7 / "training_info.json").read_text())
     assert info["total_steps"] == 7 and info["val_loss"] == pytest.approx(state["val_loss"])
+
+
+def test_the_final_export_alone_is_pushed_to_the_hub(tmp_path, tiny_data, hub) -> None:
+    overrides = {
+        "dpo": {"max_num_steps": 5},
+        "checkpointing": {
+            "save_period": 2,
+            "save_hf": True,
+            "hf_max_shard_size": "20KB",
+            "push_to_hub": "org/tiny-dpo",
+        },
+    }
+    policy, _, _ = run(tmp_path, tiny_data, overrides)
+    assert names(policy, "export") == [(2, 20_000), (4, 20_000), (5, 20_000)]
+    assert hub.files == {"org/tiny-dpo": {"steps.json": b"5"}}
+    assert hub.commits == [("org/tiny-dpo", "rl_toolkit: upload step_5")]
 
 
 def test_resume_continues_where_the_checkpoint_left_off(tmp_path, tiny_data) -> None:

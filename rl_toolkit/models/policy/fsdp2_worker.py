@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -44,6 +43,7 @@ from rl_toolkit.models.optim import build_optimizer, build_scheduler
 from rl_toolkit.models.policy.attention import VARLEN_ATTENTION
 from rl_toolkit.models.policy.logprobs import selected_token_logprobs
 from rl_toolkit.models.policy.packing import pack_rows, token_budget_groups
+from rl_toolkit.utils.hf_export import load_generation_config, save_hf_model, tied_parameter_names
 
 # loss, metrics = loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks)
 LossFn = Callable[
@@ -464,29 +464,30 @@ class FSDP2PolicyWorker:
         )
         self.scheduler.load_state_dict(scheduler_state)
 
-    def export_hf(self, path: str) -> None:
-        """Write a Hugging Face model directory: config, one safetensors file, tokenizer.
+    def export_hf(self, path: str, *, max_shard_size: int | None = None) -> None:
+        """Write a Hugging Face model directory that ``from_pretrained`` loads.
 
-        ``AutoModelForCausalLM.from_pretrained(path)`` loads it. The weights are in the
-        compute dtype (``policy.precision``); tied weights are stored once.
+        The weights are in the compute dtype (``policy.precision``), tied weights stored once;
+        see ``rl_toolkit.utils.hf_export.save_hf_model`` for the files.
 
         Args:
             path: output directory (rank 0 writes it).
+            max_shard_size: the largest weights file in bytes, above which the weights are
+                sharded; None writes one file.
         """
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model.causal_lm, options=options)  # empty off rank 0
         if self.rank == 0:
-            os.makedirs(path, exist_ok=True)
-            dtype = _DTYPES[self.cfg["precision"]]
-            export_config = copy.deepcopy(self.hf_config)
-            export_config.dtype = dtype
-            export_config.save_pretrained(path)
-            save_file(
-                _dedupe_tied(state, dtype),
-                os.path.join(path, "model.safetensors"),
-                metadata={"format": "pt"},
+            save_hf_model(
+                path,
+                state_dict=state,
+                tied_names=tied_parameter_names(self.model.causal_lm),
+                hf_config=self.hf_config,
+                generation_config=load_generation_config(self.cfg["model_name"], self.hf_config),
+                tokenizer=self.tokenizer,
+                dtype=_DTYPES[self.cfg["precision"]],
+                max_shard_size=max_shard_size,
             )
-            self.tokenizer.save_pretrained(path)
         dist.barrier()
 
 
@@ -740,14 +741,3 @@ def _all_reduce_sum(values: dict[str, torch.Tensor], device: torch.device) -> di
     stacked = torch.stack([values[key] for key in keys]).to(device)
     dist.all_reduce(stacked)
     return {key: float(value) for key, value in zip(keys, stacked.tolist(), strict=True)}
-
-
-def _dedupe_tied(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    # Tied weights (e.g. lm_head and embed_tokens) share storage, which safetensors refuses;
-    # keep the first name, from_pretrained ties the other one again.
-    seen, out = set(), {}
-    for name, tensor in state.items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            out[name] = tensor.to(dtype).contiguous()
-    return out

@@ -146,9 +146,12 @@ class Policy:
             tokenizer_path=tokenizer_path,
         )
 
-    def export_hf(self, path: str) -> None:
-        """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads."""
-        self.worker_group.run_all_workers_single_data("export_hf", path=path)
+    def export_hf(self, path: str, *, max_shard_size: int | None = None) -> None:
+        """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads, its weights
+        sharded above ``max_shard_size`` bytes (None: one file)."""
+        self.worker_group.run_all_workers_single_data(
+            "export_hf", path=path, max_shard_size=max_shard_size
+        )
 
     def shutdown(self) -> None:
         """Leave the process group on every worker, then stop the workers."""
