@@ -3,13 +3,15 @@
 Each preference loss is a pure function of the four per-sequence log-probs of a set of pairs
 
     fn(policy_chosen_logps, policy_rejected_logps,
-       reference_chosen_logps, reference_rejected_logps, /, *, beta, label_smoothing=0.0, ...)
+       reference_chosen_logps, reference_rejected_logps, /, *, beta, **params)
         -> per-pair losses [num_pairs]
 
 (written pc, pr, rc, rr in the code; positional-only), where every input is `[num_pairs]`
-(log-probs already summed, or averaged, over the response tokens). s(x) is the logistic
-sigmoid and h = (pc - rc) - (pr - rr) the DPO margin. `PREFERENCE_LOSSES` maps the config
-name (`dpo.loss_type`) to the function. The definitions follow TRL's `DPOTrainer` (1.16) except
+(log-probs already summed, or averaged, over the response tokens), and params are the further
+`dpo.*` keys the loss takes (label_smoothing, simpo_gamma, ...). s(x) is the logistic sigmoid
+and h = (pc - rc) - (pr - rr) the DPO margin. `PREFERENCE_LOSSES` maps the config name
+(`dpo.loss_type`) to a `LossSpec`: the function, its params, its label-smoothing range and the
+settings it requires; validation and DPOLossFn read that one table. The definitions follow TRL's `DPOTrainer` (1.16) except
 where docs/guides/dpo.md says otherwise (label smoothing in `sigmoid`, the `aot_pair` name, `ipo`
 averaging, `simpo`); the papers are cited in each docstring.
 
@@ -22,6 +24,7 @@ This module imports neither ray nor torch.distributed.
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +34,6 @@ from rl_toolkit.config_schema import DPOLossConfig
 from rl_toolkit.utils.config import ConfigError
 
 Tensor = torch.Tensor
-PreferenceLoss = Callable[..., Tensor]
 
 
 def _margins(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> Tensor:
@@ -45,7 +47,7 @@ def _smoothed_logistic(z: Tensor, label_smoothing: float) -> Tensor:
 
 
 def sigmoid_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float
 ) -> Tensor:
     """DPO: -(1 - eps) log s(beta h) - eps log s(-beta h), h = (pc - rc) - (pr - rr).
 
@@ -57,7 +59,7 @@ def sigmoid_loss(
 
 
 def robust_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float
 ) -> Tensor:
     """Robust DPO: [-(1 - eps) log s(beta h) + eps log s(-beta h)] / (1 - 2 eps).
 
@@ -69,9 +71,7 @@ def robust_loss(
     return smoothed / (1 - 2 * label_smoothing)
 
 
-def hinge_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
-) -> Tensor:
+def hinge_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float) -> Tensor:
     """SLiC hinge: max(0, 1 - beta h).
 
     Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback" (with the reference-normalised margin h and 1/beta as the margin).
@@ -79,9 +79,7 @@ def hinge_loss(
     return torch.relu(1 - beta * _margins(pc, pr, rc, rr))
 
 
-def ipo_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
-) -> Tensor:
+def ipo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float) -> Tensor:
     """IPO: (h - 1 / (2 beta))^2, where beta plays the role of the paper's tau.
 
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
@@ -92,7 +90,7 @@ def ipo_loss(
 
 
 def exo_pair_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float
 ) -> Tensor:
     """EXO (pairwise): reverse KL between the model's and the smoothed label distribution.
 
@@ -106,9 +104,7 @@ def exo_pair_loss(
     return chosen_term + rejected_term
 
 
-def nca_pair_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
-) -> Tensor:
+def nca_pair_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float) -> Tensor:
     """NCA (pairwise): -log s(r_c) - 0.5 log s(-r_c) - 0.5 log s(-r_r), r = beta (logp - ref).
 
     Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards":
@@ -124,9 +120,7 @@ def nca_pair_loss(
     )
 
 
-def bco_pair_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
-) -> Tensor:
+def bco_pair_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float) -> Tensor:
     """BCO (pairwise): -log s(r_c - delta) - log s(-(r_r - delta)), r = beta (logp - ref).
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment".
@@ -139,9 +133,7 @@ def bco_pair_loss(
     return -F.logsigmoid(beta * (pc - rc)) - F.logsigmoid(-beta * (pr - rr))
 
 
-def sppo_hard_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
-) -> Tensor:
+def sppo_hard_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float) -> Tensor:
     """SPPO with hard labels: (a - 1 / (2 beta))^2 + (b + 1 / (2 beta))^2.
 
     a = pc - rc, b = pr - rr. Wu et al. 2024, "Self-Play Preference Optimization for Language
@@ -151,7 +143,7 @@ def sppo_hard_loss(
 
 
 def aot_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float
 ) -> Tensor:
     """AOT for paired data: sigmoid loss on sort(pc - pr) - sort(rc - rr).
 
@@ -165,7 +157,7 @@ def aot_loss(
 
 
 def aot_pair_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
+    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float
 ) -> Tensor:
     """AOT for unpaired data: sigmoid loss on sort(pc - rc) - sort(pr - rr).
 
@@ -177,9 +169,7 @@ def aot_pair_loss(
     return _smoothed_logistic(beta * delta, label_smoothing)
 
 
-def apo_zero_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
-) -> Tensor:
+def apo_zero_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float) -> Tensor:
     """APO-zero: (1 - s(beta (pc - rc))) + s(beta (pr - rr)).
 
     D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions":
@@ -189,9 +179,7 @@ def apo_zero_loss(
     return (1 - torch.sigmoid(beta * (pc - rc))) + torch.sigmoid(beta * (pr - rr))
 
 
-def apo_down_loss(
-    pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float, label_smoothing: float = 0.0
-) -> Tensor:
+def apo_down_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, /, *, beta: float) -> Tensor:
     """APO-down: s(beta (pc - rc)) + (1 - s(beta ((pc - rc) - (pr - rr)))).
 
     D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions":
@@ -213,7 +201,6 @@ def discopop_loss(
     *,
     beta: float,
     discopop_tau: float,
-    label_smoothing: float = 0.0,
 ) -> Tensor:
     """DiscoPOP (log-ratio modulated loss): (1 - m) (-log s(z)) + m exp(-z).
 
@@ -237,7 +224,7 @@ def simpo_loss(
     *,
     beta: float,
     simpo_gamma: float,
-    label_smoothing: float = 0.0,
+    label_smoothing: float,
 ) -> Tensor:
     """SimPO: -(1 - eps) log s(beta (pc - pr) - gamma) - eps log s(-(beta (pc - pr) - gamma)).
 
@@ -247,38 +234,45 @@ def simpo_loss(
     return _smoothed_logistic(beta * (pc - pr) - simpo_gamma, label_smoothing)
 
 
-PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
-    "sigmoid": sigmoid_loss,
-    "robust": robust_loss,
-    "hinge": hinge_loss,
-    "ipo": ipo_loss,
-    "exo_pair": exo_pair_loss,
-    "nca_pair": nca_pair_loss,
-    "bco_pair": bco_pair_loss,
-    "sppo_hard": sppo_hard_loss,
-    "aot": aot_loss,
-    "aot_pair": aot_pair_loss,
-    "apo_zero": apo_zero_loss,
-    "apo_down": apo_down_loss,
-    "discopop": discopop_loss,
-    "simpo": simpo_loss,
-}
+@dataclass(frozen=True)
+class LossSpec:
+    """A preference loss and what it reads from the `dpo` config section.
 
-# Loss-specific config keys passed to the loss function as keyword arguments.
-LOSS_PARAM_KEYS: dict[str, tuple[str, ...]] = {name: () for name in PREFERENCE_LOSSES} | {
-    "discopop": ("discopop_tau",),
-    "simpo": ("simpo_gamma",),
-}
+    fn: the loss, `fn(pc, pr, rc, rr, *, beta, **{key: cfg[key] for key in params})`.
+    params: the further `dpo.*` keys it takes, by keyword (label_smoothing only where used).
+    smoothing: (low, high): the loss takes `label_smoothing` eps with low <= eps < high; None:
+        it does not, and eps must be 0.
+    requires: `dpo.*` values the loss is defined for, e.g. SimPO is reference-free.
+    """
 
-# Losses that take label smoothing, and its valid range [low, 0.5); the others require 0.
-# exo_pair takes log(eps), so it needs eps > 0.
-LABEL_SMOOTHING_LOW: dict[str, float] = {
-    "sigmoid": 0.0,
-    "robust": 0.0,
-    "aot": 0.0,
-    "aot_pair": 0.0,
-    "simpo": 0.0,
-    "exo_pair": 1e-12,
+    fn: Callable[..., Tensor]
+    params: tuple[str, ...] = ()
+    smoothing: tuple[float, float] | None = None
+    requires: tuple[tuple[str, bool], ...] = ()
+
+
+_SMOOTHED = (0.0, 0.5)  # a fraction of flipped labels below one half
+PREFERENCE_LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(sigmoid_loss, ("label_smoothing",), _SMOOTHED),
+    "robust": LossSpec(robust_loss, ("label_smoothing",), _SMOOTHED),
+    "hinge": LossSpec(hinge_loss),
+    "ipo": LossSpec(ipo_loss),
+    # log(eps) appears in the loss: eps > 0
+    "exo_pair": LossSpec(exo_pair_loss, ("label_smoothing",), (1e-12, 0.5)),
+    "nca_pair": LossSpec(nca_pair_loss),
+    "bco_pair": LossSpec(bco_pair_loss),
+    "sppo_hard": LossSpec(sppo_hard_loss),
+    "aot": LossSpec(aot_loss, ("label_smoothing",), _SMOOTHED),
+    "aot_pair": LossSpec(aot_pair_loss, ("label_smoothing",), _SMOOTHED),
+    "apo_zero": LossSpec(apo_zero_loss),
+    "apo_down": LossSpec(apo_down_loss),
+    "discopop": LossSpec(discopop_loss, ("discopop_tau",)),
+    "simpo": LossSpec(
+        simpo_loss,
+        ("simpo_gamma", "label_smoothing"),
+        _SMOOTHED,
+        requires=(("reference_free", True), ("preference_average_log_probs", True)),
+    ),
 }
 
 
@@ -294,37 +288,30 @@ PAIR_MEAN_METRICS = (
 
 
 def validate_dpo_loss_config(cfg: DPOLossConfig) -> None:
-    """Raise ConfigError naming the `dpo.*` key if the loss parameters are inconsistent."""
+    """Raise ConfigError naming the `dpo.*` key if the loss parameters do not fit the loss."""
     loss_type = cfg["loss_type"]
     if loss_type not in PREFERENCE_LOSSES:
         raise ConfigError(
             f"dpo.loss_type: unknown loss type {loss_type!r}; "
             f"expected one of {sorted(PREFERENCE_LOSSES)}"
         )
-    beta = cfg["reference_policy_kl_penalty"]
-    if not beta > 0:
-        raise ConfigError(f"dpo.reference_policy_kl_penalty (beta) must be > 0, got {beta}")
-    eps = cfg["label_smoothing"]
-    if loss_type in LABEL_SMOOTHING_LOW:
-        low = LABEL_SMOOTHING_LOW[loss_type]
-        if not low <= eps < 0.5:
-            bracket = "(0" if low > 0 else "[0"
-            raise ConfigError(
-                f"dpo.label_smoothing must be in {bracket}, 0.5) for loss_type {loss_type!r}, "
-                f"got {eps}"
-            )
-    elif eps != 0:
+    spec, eps = PREFERENCE_LOSSES[loss_type], cfg["label_smoothing"]
+    if spec.smoothing is None and eps != 0:
+        uses_it = sorted(name for name, other in PREFERENCE_LOSSES.items() if other.smoothing)
         raise ConfigError(
             f"dpo.label_smoothing must be 0 for loss_type {loss_type!r} (it does not use it); "
-            f"got {eps}. Losses that use it: {sorted(LABEL_SMOOTHING_LOW)}"
+            f"got {eps}. Losses that use it: {uses_it}"
         )
-    if loss_type == "simpo" and not (cfg["reference_free"] and cfg["preference_average_log_probs"]):
+    if spec.smoothing is not None and not spec.smoothing[0] <= eps < spec.smoothing[1]:
+        bracket = "(0" if spec.smoothing[0] > 0 else "[0"
         raise ConfigError(
-            "dpo.loss_type 'simpo' is reference-free with averaged log-probs: set "
-            "dpo.reference_free=true and dpo.preference_average_log_probs=true"
+            f"dpo.label_smoothing must be in {bracket}, {spec.smoothing[1]}) for loss_type "
+            f"{loss_type!r}, got {eps}"
         )
-    if loss_type == "discopop" and not cfg["discopop_tau"] > 0:
-        raise ConfigError(f"dpo.discopop_tau must be > 0, got {cfg['discopop_tau']}")
+    unmet = [f"dpo.{key}={str(value).lower()}" for key, value in spec.requires if cfg[key] != value]
+    if unmet:
+        needed = " and ".join(f"dpo.{key}={str(value).lower()}" for key, value in spec.requires)
+        raise ConfigError(f"dpo.loss_type {loss_type!r} needs {needed}; set {', '.join(unmet)}")
 
 
 def _sequence_logps(logprobs: Tensor, token_mask: Tensor, average: bool) -> Tensor:
@@ -358,9 +345,9 @@ class DPOLossFn:
         self.preference_average_log_probs = cfg["preference_average_log_probs"]
         self.sft_average_log_probs = cfg["sft_average_log_probs"]
         self.reference_free = cfg["reference_free"]
-        self.label_smoothing = cfg["label_smoothing"]
-        self.preference_loss = PREFERENCE_LOSSES[cfg["loss_type"]]
-        self.loss_params = {key: cfg[key] for key in LOSS_PARAM_KEYS[cfg["loss_type"]]}
+        spec = PREFERENCE_LOSSES[cfg["loss_type"]]
+        self.preference_loss = spec.fn
+        self.loss_params = {key: cfg[key] for key in spec.params}
 
     def __call__(
         self,
@@ -400,9 +387,7 @@ class DPOLossFn:
         # Only valid pairs enter the loss: aot sorts across pairs, so padding must not take part.
         pc, pr = logps[0::2][valid], logps[1::2][valid]
         rc, rr = ref_logps[0::2][valid], ref_logps[1::2][valid]
-        pref = self.preference_loss(
-            pc, pr, rc, rr, beta=self.beta, label_smoothing=self.label_smoothing, **self.loss_params
-        )
+        pref = self.preference_loss(pc, pr, rc, rr, beta=self.beta, **self.loss_params)
         sft_logps = _sequence_logps(logprobs, token_mask, self.sft_average_log_probs)[0::2][valid]
 
         preference_loss = pref.sum() / num_global_pairs
