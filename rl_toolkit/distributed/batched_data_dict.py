@@ -7,7 +7,7 @@ shard or micro-batch always holds whole pairs. Every method returns a new Batche
 the same `group_size`.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -136,29 +136,6 @@ class BatchedDataDict(dict):
             BatchedDataDict.from_batches([chunk_pieces[shard] for chunk_pieces in pieces])
             for shard in range(num_shards)
         ]
-
-    def make_microbatch_iterator(self, microbatch_size: int) -> Iterator["BatchedDataDict"]:
-        """Consecutive micro-batches of `microbatch_size` rows; the last one may be smaller.
-
-        Args:
-            microbatch_size: rows per micro-batch, a positive multiple of group_size.
-
-        Returns:
-            An iterator of BatchedDataDicts (views of this one's tensors).
-        """
-        if microbatch_size < 1:
-            raise ValueError(
-                f"BatchedDataDict: microbatch_size must be >= 1, got {microbatch_size}"
-            )
-        self._check_group_aligned("microbatch_size", microbatch_size)
-        self._check_group_aligned("the number of rows", self.size)
-        num_rows = self.size
-        # A generator expression keeps the checks above eager (a generator function would defer
-        # them to the first next()).
-        return (
-            self.slice(start, min(start + microbatch_size, num_rows))
-            for start in range(0, num_rows, microbatch_size)
-        )
 
     @classmethod
     def from_batches(

@@ -92,18 +92,6 @@ def test_shard_errors() -> None:
         make_pairs(4).shard_by_batch_size(2, batch_size=3)
 
 
-@pytest.mark.parametrize("num_pairs", [3, 4])
-def test_microbatches_keep_pairs_and_last_may_be_smaller(num_pairs: int) -> None:
-    batch = make_pairs(num_pairs)
-    microbatches = list(batch.make_microbatch_iterator(4))
-    assert [mb.size for mb in microbatches] == [4] * (num_pairs // 2) + [2] * (num_pairs % 2)
-    for mb in microbatches:
-        assert_pairs_whole(mb)
-    assert sum((mb["text"] for mb in microbatches), []) == batch["text"]
-    with pytest.raises(ValueError, match="microbatch_size"):
-        batch.make_microbatch_iterator(3)
-
-
 def test_from_batches_pads_sequence_dim() -> None:
     first = BatchedDataDict(
         ids=torch.ones(2, 2, dtype=torch.long), mask=torch.ones(2, 2), n=[1, 2], group_size=2

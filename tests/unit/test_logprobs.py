@@ -3,7 +3,19 @@
 import pytest
 import torch
 
-from rl_toolkit.models.policy.logprobs import chunked_next_token_logprobs
+from rl_toolkit.models.policy.logprobs import selected_token_logprobs
+
+
+def chunked_next_token_logprobs(hidden, weight, input_ids, input_lengths, chunk_size):
+    """``[b, T]`` log-probs of every scored position (``1 <= t < length``) through the chunked
+    kernel, 0.0 elsewhere: the layout the worker builds from ``selected_token_logprobs``."""
+    positions = torch.arange(input_ids.shape[1])[None, :]
+    scored = (positions >= 1) & (positions < input_lengths[:, None])  # (b, T)
+    rows, cols = scored.nonzero(as_tuple=True)
+    flat = selected_token_logprobs(
+        hidden, weight, input_ids, rows * input_ids.shape[1] + cols, chunk_size
+    )
+    return torch.zeros(scored.shape, dtype=flat.dtype).index_put((rows, cols), flat)
 
 
 def _naive(hidden, weight, input_ids, input_lengths):

@@ -9,7 +9,6 @@ chunk's logits at a time. Peak extra memory is about ``2 * chunk_size * V * 4`` 
 """
 
 import torch
-import torch.nn.functional as F
 
 
 def _float_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -62,42 +61,6 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
-
-
-def chunked_next_token_logprobs(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    input_ids: torch.Tensor,
-    input_lengths: torch.Tensor,
-    chunk_size: int,
-) -> torch.Tensor:
-    """Log-probs of each next token under ``lm_head``, in the project's log-prob convention.
-
-    ``out[i, t] = log p(input_ids[i, t] | input_ids[i, :t])`` for ``1 <= t < input_lengths[i]``
-    and ``0.0`` at ``t = 0`` and at padding (docs/design.md, "Log-probs").
-
-    Args:
-        hidden: final hidden states (after the last norm), ``[b, T, H]``.
-        lm_head_weight: output projection, ``[V, H]`` (no bias).
-        input_ids: ``[b, T]`` int64 tokens.
-        input_lengths: ``[b]`` number of real tokens per row.
-        chunk_size: number of tokens whose ``[chunk_size, V]`` logits exist at once.
-
-    Returns:
-        ``[b, T]`` float32 log-probs, differentiable w.r.t. ``hidden`` and ``lm_head_weight``.
-    """
-    assert chunk_size > 0, "chunk_size must be positive"
-    batch, seq_len, hidden_size = hidden.shape
-    # Position t-1 predicts token t, so drop the last position of hidden and the first token.
-    flat_hidden = hidden[:, :-1].reshape(-1, hidden_size)  # (b * (T-1), H)
-    targets = input_ids[:, 1:].reshape(-1)  # (b * (T-1),)
-    flat = _ChunkedTokenLogprobs.apply(flat_hidden, lm_head_weight, targets, chunk_size)
-    logprobs = F.pad(flat.view(batch, seq_len - 1), (1, 0))  # (b, T)
-    positions = torch.arange(seq_len, device=hidden.device)
-    valid = (positions[None, :] >= 1) & (
-        positions[None, :] < input_lengths[:, None].to(hidden.device)
-    )
-    return torch.where(valid, logprobs, torch.zeros_like(logprobs))
 
 
 def selected_token_logprobs(
