@@ -116,7 +116,8 @@ def setup(
         train_dataloader.load_state_dict(load_dataloader_state(resume_path))
         load_rng_state(resume_path)
 
-    logger = Logger(master_config["logger"])
+    resume_step = dpo_save_state["total_steps"] if resume_path is not None else None
+    logger = Logger(master_config["logger"], resume_step=resume_step)
     logger.log_hyperparams(master_config)
     cluster = RayVirtualCluster(
         [master_config["cluster"]["gpus_per_node"]] * master_config["cluster"]["num_nodes"],
@@ -331,6 +332,9 @@ def dpo_train(
                 _run_validation(
                     policy, val_dataloader, tokenizer, loss_fn, master_config, logger, state, timer
                 )
+            # Logged before the checkpoint that covers this step, so that a kill after the
+            # checkpoint cannot lose them (a resume from it does not redo this step).
+            _log_step(logger, metrics, timer, state["total_steps"])
             save_period = master_config["checkpointing"]["save_period"]
             if checkpointer.enabled and (is_last or state["total_steps"] % save_period == 0):
                 with timer.time("checkpoint"):
@@ -339,7 +343,7 @@ def dpo_train(
                     )
                 if is_last and master_config["checkpointing"]["push_to_hub"] is not None:
                     _push_to_hub(saved / "hf", master_config["checkpointing"])
-            _log_step(logger, metrics, timer, state["total_steps"])
+            _log_timing(logger, metrics, timer, state["total_steps"])
             if is_last:
                 break
     logger.close()
@@ -437,10 +441,16 @@ def _main_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log_step(logger: Logger, metrics: dict[str, Any], timer: Timer, step: int) -> None:
+    """Log the train metrics of `step` and show progress; the phase times stay in `timer`."""
+    logger.log_metrics(metrics, step, prefix="train")
+    throughput = tokens_per_second(metrics["global_num_tokens"], timer.total("training"))
+    logger.update_progress(step, _main_metrics({**metrics, "tokens_per_second": throughput}))
+
+
+def _log_timing(logger: Logger, metrics: dict[str, Any], timer: Timer, step: int) -> None:
+    """Log the phase times of `step` (its checkpoint included) and the training throughput."""
     timing = timer.pop_totals()
     timing["tokens_per_second"] = tokens_per_second(
         metrics["global_num_tokens"], timing["training"]
     )
-    logger.log_metrics(metrics, step, prefix="train")
     logger.log_metrics(timing, step, prefix="timing")
-    logger.update_progress(step, _main_metrics({**metrics, **timing}))

@@ -4,11 +4,12 @@ Every metric goes to `<log_dir>/metrics.jsonl`, one JSON object per line:
 
     {"step": 12, "prefix": "train", "loss": 0.41, "accuracy": 0.87, "tokens_per_second": 5120.0}
 
-`prefix` is "train", "validation" or "timing" (seconds per phase). The file is only ever
-appended to: a resumed run adds its lines after those of the run it resumes, so a step logged
-after the last checkpoint of a killed run appears twice and the later line is the one that
-counts (`read_metrics` applies this rule). TensorBoard and wandb get the same values under
-"<prefix>/<name>".
+`prefix` is "train", "validation" or "timing" (seconds per phase). A run appends to the file.
+A run that resumes from the checkpoint of step N (`Logger(..., resume_step=N)`) first removes
+the lines of the steps after N, which a killed run logged after its last checkpoint and which
+the resumed run redoes, so every step appears once; `read_metrics` still lets a later line of a
+step win over an earlier one. TensorBoard and wandb get the same values under
+"<prefix>/<name>"; TensorBoard hides the events of the removed steps (`purge_step`).
 """
 
 import json
@@ -57,18 +58,30 @@ def _to_number(name: str, value: Any) -> float | int | bool:
 
 
 class Logger:
-    """Writes metrics to every enabled backend and shows a progress line on the console."""
+    """Writes metrics to every enabled backend and shows a progress line on the console.
 
-    def __init__(self, config: LoggerConfig) -> None:
+    Args:
+        config: the `logger` section of the config.
+        resume_step: the step of the checkpoint a resumed run starts from (None for a fresh
+            run): the lines of later steps are removed from metrics.jsonl and their
+            TensorBoard events hidden, since the run logs those steps again.
+    """
+
+    def __init__(self, config: LoggerConfig, *, resume_step: int | None = None) -> None:
         self.log_dir = Path(config["log_dir"])
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.log_dir / METRICS_FILE
         _terminate_last_line(self.metrics_path)
+        if resume_step is not None:
+            _drop_steps_after(self.metrics_path, resume_step)
         self._tensorboard = None
         if config["tensorboard_enabled"]:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(self.log_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(
+                log_dir=str(self.log_dir / "tensorboard"),
+                purge_step=None if resume_step is None else resume_step + 1,
+            )
         self._console = Console(highlight=False, emoji=False)
         self._wandb_run = self._start_wandb(config["wandb"]) if config["wandb_enabled"] else None
         self._progress: Progress | None = None
@@ -202,6 +215,37 @@ def _terminate_last_line(path: Path) -> None:
         f.seek(-1, os.SEEK_END)
         if f.read(1) != b"\n":
             _append_line(path, "\n")
+
+
+def _drop_steps_after(path: Path, step: int) -> None:
+    """Remove the lines of steps after `step` from a metrics.jsonl, atomically.
+
+    The kept lines go to a temporary file that is synced and renamed over `path`, so a kill
+    leaves the old file or the new one. Lines that are not JSON are kept as they are.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _line_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _line_step(line: str) -> float:
+    """The step of a metrics.jsonl line; -inf for a line that is not a metrics row."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return float("-inf")
+    return (
+        row["step"] if isinstance(row, dict) and isinstance(row.get("step"), int) else float("-inf")
+    )
 
 
 def read_metrics(path: Path, prefix: str) -> dict[int, dict[str, Any]]:

@@ -7,6 +7,7 @@ the console, metrics.jsonl and the checkpoint folders.
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from rl_toolkit.utils.checkpoint import is_complete_checkpoint, write_manifest
 from rl_toolkit.utils.logger import read_metrics
+from tests.unit.malicious import RunsCode
 
 pytestmark = pytest.mark.slow
 
@@ -144,8 +147,13 @@ def test_killed_while_saving_resumes_exactly_from_last_complete_checkpoint(
     assert "Resuming from" in resumed.stdout and "step_4" in resumed.stdout
     assert not (tmp_path / "ckpt" / "tmp_step_8").exists()
 
+    # Steps 5-7, logged before the kill, are redone: their old lines are gone, none twice.
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").open()]
+    keys = [(row["step"], row["prefix"]) for row in rows]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    assert sorted(k for k in keys if k[1] == "train") == [(s, "train") for s in range(1, 9)]
     expected = read_metrics(straight / "logs" / "metrics.jsonl", "train")
-    got = read_metrics(tmp_path / "logs" / "metrics.jsonl", "train")  # later lines win
+    got = read_metrics(tmp_path / "logs" / "metrics.jsonl", "train")
     for step in range(5, 9):
         for key in ("loss", "accuracy", "reward_margin_mean", "grad_norm", "lr"):
             assert got[step][key] == pytest.approx(expected[step][key], abs=1e-5), (step, key)
@@ -154,6 +162,75 @@ def test_killed_while_saving_resumes_exactly_from_last_complete_checkpoint(
     expected_weights = hf_weights(straight / "ckpt" / "step_8")
     for name, tensor in hf_weights(tmp_path / "ckpt" / "step_8").items():
         torch.testing.assert_close(tensor, expected_weights[name], atol=1e-5, rtol=0)
+
+
+def test_killed_right_after_a_checkpoint_keeps_the_metrics_of_its_step(ray_head, tmp_path) -> None:
+    env = {**ray_head, "CRASH_POINT": "after_finalize"}
+    crashed = run_dpo(env, tmp_path, script="tests/functional/crash_while_saving.py")
+    assert crashed.returncode == 137, crashed.stdout + crashed.stderr
+    assert is_complete_checkpoint(tmp_path / "ckpt" / "step_8")
+    # A resume from step_8 does not redo step 8: its metrics must be in the file already.
+    train = read_metrics(tmp_path / "logs" / "metrics.jsonl", "train")
+    assert sorted(train) == list(range(1, 9))
+
+
+def zero_4k_in_the_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle - 2048 : middle + 2048] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    ray_head, straight_run, tmp_path
+) -> None:
+    straight, _ = straight_run
+    shutil.copytree(straight / "ckpt", tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "step_8" / "policy" / "weights" / "__1_0.distcp"
+    zero_4k_in_the_middle(shard)
+
+    resumed = run_dpo(ray_head, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"Not resuming from {tmp_path / 'ckpt' / 'step_8'}: {shard}: sha256" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert f"Resuming from {tmp_path / 'ckpt' / 'step_4'}" in resumed.stdout
+    assert (tmp_path / "ckpt" / "damaged_step_8").is_dir()
+    expected_weights = hf_weights(straight / "ckpt" / "step_8")
+    for name, tensor in hf_weights(tmp_path / "ckpt" / "step_8").items():
+        torch.testing.assert_close(tensor, expected_weights[name], atol=1e-5, rtol=0)
+
+
+def plant_code_in_metadata(checkpoint: Path, marker: Path) -> Path:
+    metadata = checkpoint / "policy" / "optimizer" / ".metadata"
+    metadata.write_bytes(pickle.dumps(RunsCode(marker)))
+    write_manifest(checkpoint)  # a valid-looking manifest: the files match it
+    return metadata
+
+
+def plant_zeros_in_weights(checkpoint: Path, marker: Path) -> Path:
+    shard = checkpoint / "policy" / "weights" / "__0_0.distcp"
+    zero_4k_in_the_middle(shard)
+    return shard
+
+
+@pytest.mark.parametrize("plant", [plant_code_in_metadata, plant_zeros_in_weights])
+def test_bad_resume_path_fails_in_one_line_before_any_worker_starts(
+    ray_head, straight_run, tmp_path, plant
+) -> None:
+    straight, _ = straight_run
+    checkpoint = tmp_path / "old" / "step_4"
+    shutil.copytree(straight / "ckpt" / "step_4", checkpoint)
+    marker = tmp_path / "code_ran"
+    bad_file = plant(checkpoint, marker)
+
+    result = run_dpo(ray_head, tmp_path, f"checkpointing.resume={checkpoint}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith(f"error: checkpointing.resume: {bad_file}: ")
+    assert result.stderr.endswith(errors[0] + "\n")  # the last line: nothing after it
+    assert "RayVirtualCluster" not in result.stdout + result.stderr  # no cluster, no workers
+    assert not marker.exists()
 
 
 def test_resume_never_starts_a_fresh_folder(ray_head, straight_run, tmp_path) -> None:

@@ -226,6 +226,27 @@ def test_the_final_export_alone_is_pushed_to_the_hub(tmp_path, tiny_data, hub) -
     assert hub.commits == [("org/tiny-dpo", "rl_toolkit: upload step_5")]
 
 
+class Killed(BaseException):
+    """A kill: nothing after the point where it is raised runs."""
+
+
+def test_a_kill_right_after_a_checkpoint_keeps_the_metrics_of_its_step(
+    tmp_path, tiny_data, monkeypatch
+) -> None:
+    finalize = CheckpointManager.finalize
+
+    def finalize_then_die(self, tmp, step, training_info):
+        finalize(self, tmp, step, training_info)
+        raise Killed
+
+    monkeypatch.setattr(CheckpointManager, "finalize", finalize_then_die)
+    with pytest.raises(Killed):
+        run(tmp_path, tiny_data, {"dpo": {"max_num_steps": 6}, "checkpointing": {"save_period": 4}})
+    assert (tmp_path / "ckpt" / "step_4" / "training_info.json").is_file()
+    # A resume from step_4 does not redo step 4: its metrics must be in the file already.
+    assert sorted(read_metrics(tmp_path / "logs" / "metrics.jsonl", "train")) == [1, 2, 3, 4]
+
+
 def test_resume_continues_where_the_checkpoint_left_off(tmp_path, tiny_data) -> None:
     ckpt = {"checkpointing": {"save_period": 4}}
     first, _, _ = run(tmp_path, tiny_data, {"dpo": {"max_num_steps": 4}, **ckpt})

@@ -39,6 +39,43 @@ def test_metrics_jsonl_lines_and_append_on_resume(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl", "train") == {1: {"loss": 0.125}}
 
 
+def test_a_resumed_run_removes_the_lines_of_the_steps_it_redoes(tmp_path):
+    logger = Logger(make_config(tmp_path))
+    for step in range(1, 7):
+        logger.log_metrics({"loss": 1.0 / step}, step, "train")
+        logger.log_metrics({"training": 0.5}, step, "timing")
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("not json\n")
+    # Resumed from the checkpoint of step 4: steps 5 and 6 are redone.
+    resumed = Logger(make_config(tmp_path), resume_step=4)
+    resumed.log_metrics({"loss": 0.125}, 5, "train")
+    resumed.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line != "not json"]
+    assert [(row["step"], row["prefix"]) for row in rows] == [
+        *((step, prefix) for step in range(1, 5) for prefix in ("train", "timing")),
+        (5, "train"),
+    ]
+    assert "not json" in lines  # not ours to judge: kept
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_a_resumed_run_hides_the_tensorboard_events_it_redoes(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = Logger(make_config(tmp_path, tensorboard=True))
+    for step in (1, 2, 3):
+        logger.log_metrics({"loss": float(step)}, step, "train")
+    logger.close()
+    resumed = Logger(make_config(tmp_path, tensorboard=True), resume_step=1)
+    resumed.log_metrics({"loss": 0.5}, 2, "train")
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5)]
+
+
 def test_partial_last_line_is_terminated_before_appending(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "prefix": "train", "loss": 1.0}\n{"st')
     logger = Logger(make_config(tmp_path))

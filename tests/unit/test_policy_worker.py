@@ -1,6 +1,7 @@
 """The plain FSDP2 policy worker in this process (world size 1, gloo), without Ray."""
 
 import math
+import pickle
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,8 @@ from rl_toolkit.algorithms.loss_functions import DPOLossFn
 from rl_toolkit.config_schema import PolicyConfig
 from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
 from rl_toolkit.utils.config import validate_config
+from rl_toolkit.utils.safe_load import CheckpointError
+from tests.unit.malicious import RunsCode
 from tests.unit.policy_testing import (
     make_batch,
     make_config,
@@ -132,6 +135,26 @@ def test_synced_reference_survives_save_and_resume(tiny, worker, tmp_path):
     worker.train(data, token_nll_loss)
     resumed.train(data, token_nll_loss)
     torch.testing.assert_close(_parameters(resumed), _parameters(worker), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("planted", ["optimizer/scheduler.pt", "weights/.metadata"])
+def test_resume_refuses_a_checkpoint_that_would_run_code(tiny, worker, tmp_path, planted):
+    worker.save_checkpoint(str(tmp_path / "weights"), str(tmp_path / "optimizer"))
+    marker = tmp_path / "code_ran"
+    if planted.endswith(".pt"):
+        torch.save({"last_epoch": 1, "_last_lr": RunsCode(marker)}, tmp_path / planted)
+    else:
+        (tmp_path / planted).write_bytes(pickle.dumps(RunsCode(marker)))
+    worker.shutdown()  # the resumed worker below joins a fresh process group
+
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / planted}: .*posix.system"):
+        FSDP2PolicyWorker(
+            config=make_config(tiny[0]),
+            tokenizer=make_tokenizer(),
+            weights_path=str(tmp_path / "weights"),
+            optimizer_path=str(tmp_path / "optimizer"),
+        )
+    assert not marker.exists()
 
 
 def test_hf_export_loads_with_transformers_and_gives_the_same_logprobs(worker, tmp_path):

@@ -44,6 +44,7 @@ from rl_toolkit.models.policy.attention import VARLEN_ATTENTION
 from rl_toolkit.models.policy.logprobs import selected_token_logprobs
 from rl_toolkit.models.policy.packing import pack_rows, token_budget_groups
 from rl_toolkit.utils.hf_export import load_generation_config, save_hf_model, tied_parameter_names
+from rl_toolkit.utils.safe_load import load_dcp, load_weights_only
 
 # loss, metrics = loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks)
 LossFn = Callable[
@@ -53,7 +54,7 @@ LossFn = Callable[
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _REFERENCE_DIR = "reference"  # sub-directory of a weights checkpoint holding a synced reference
-_SCHEDULER_FILE = "scheduler.pt"
+_SCHEDULER_FILE = "scheduler.pt"  # torch.save of plain numbers and lists: weights_only loadable
 
 
 class LogprobModel(nn.Module):
@@ -457,12 +458,11 @@ class FSDP2PolicyWorker:
     def _load_optimizer(self, optimizer_path: str) -> None:
         assert self.optimizer is not None, "optimizer_path given with init_optimizer=False"
         state = get_optimizer_state_dict(self.model.causal_lm, self.optimizer)
-        dcp.load({"optimizer": state}, checkpoint_id=optimizer_path)
+        load_dcp({"optimizer": state}, optimizer_path)
         set_optimizer_state_dict(self.model.causal_lm, self.optimizer, state)
-        scheduler_state = torch.load(
-            os.path.join(optimizer_path, _SCHEDULER_FILE), weights_only=False
+        self.scheduler.load_state_dict(
+            load_weights_only(os.path.join(optimizer_path, _SCHEDULER_FILE))
         )
-        self.scheduler.load_state_dict(scheduler_state)
 
     def export_hf(self, path: str, *, max_shard_size: int | None = None) -> None:
         """Write a Hugging Face model directory that ``from_pretrained`` loads.
@@ -707,7 +707,7 @@ def _broadcast_buffers(
 
 def _load_model_checkpoint(causal_lm: PreTrainedModel, path: str) -> None:
     state = get_model_state_dict(causal_lm)
-    dcp.load({"model": state}, checkpoint_id=path)
+    load_dcp({"model": state}, path)
     set_model_state_dict(causal_lm, state)
 
 
