@@ -234,8 +234,8 @@ class CheckpointingConfig(TypedDict):
     metric_name: key of `training_info` that ranks checkpoints, e.g. "val_loss".
     higher_is_better: whether a larger `metric_name` value is better.
     resume: "auto" (the latest complete checkpoint of `checkpoint_dir` that verifies against its
-        manifest, if any), "never" (start
-        fresh, in a new folder if `checkpoint_dir` is not empty), or the path of a `step_N`.
+        manifest, if any), "never" (start fresh, in a new folder if `checkpoint_dir` is not
+        empty), or the path of a `step_N`.
     save_hf: also write a Hugging Face export (`hf/`) that `from_pretrained` loads.
     hf_max_shard_size: the largest weights file of that export, like Hugging Face's
         max_shard_size ("5GB"); above it the weights are sharded with an index file.
