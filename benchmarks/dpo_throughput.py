@@ -11,7 +11,7 @@ A B A B over `--rounds` rounds on a noisy machine; the figures are the median ov
 `--frameworks` adds runs of rl_toolkit with another attention implementation or token budget
 (`rl_toolkit@sdpa:512`), or leaves TRL out where it is not installed.
 
-rl_toolkit runs as the plain `FSDP2PolicyWorker` in this process (world size 1, no Ray), which
+rl_toolkit runs as the plain `PolicyWorker` in this process (world size 1, no Ray), which
 is what a single-process TRL `DPOTrainer` is comparable with; it imports nothing of Ray, so it
 also runs where Ray is not installed (a GPU box). Each step computes the reference log-probs of
 the batch (as the recipe's `add_ref_logprobs_to_data` does) and then trains; TRL runs with
@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "max_length": 256,
         "pairs_per_step": 8,
-        "sequence_packing": {"train_mb_tokens": 2048, "logprob_mb_tokens": 4096},
+        "micro_batch": {"unit": "tokens", "train": 2048, "logprob": 4096},
         "warmup_steps": 1,
         "steps": 4,
         "rounds": 3,
@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "max_length": 2048,
         "pairs_per_step": 16,
-        "sequence_packing": {"train_mb_tokens": 8192, "logprob_mb_tokens": 16384},
+        "micro_batch": {"unit": "tokens", "train": 8192, "logprob": 16384},
         "warmup_steps": 3,
         "steps": 10,
         "rounds": 2,
@@ -186,15 +186,16 @@ def run_rl_toolkit(
     attn_implementation: str,
     mb_tokens: int | None,
 ) -> list[float]:
-    """Train with the plain FSDP2PolicyWorker; return the wall time of every step.
+    """Train with the plain PolicyWorker; return the wall time of every step.
 
     ``mb_tokens`` replaces both token budgets of the preset when given.
     """
     from transformers import AutoTokenizer
 
     from rl_toolkit.algorithms.loss_functions import DPOLossFn
+    from rl_toolkit.config_schema import micro_batches
     from rl_toolkit.data.collate import preference_collate_fn
-    from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
+    from rl_toolkit.models.policy.worker import PolicyWorker
     from rl_toolkit.utils.config import load_config
 
     cfg = load_config(REPO / "configs" / "dpo_tiny.yaml")
@@ -206,8 +207,7 @@ def run_rl_toolkit(
         "precision": "bfloat16" if torch.cuda.is_available() else "float32",
         "seed": SEED,
         "train_global_batch_size": rows,
-        "train_micro_batch_size": rows,
-        "logprob_batch_size": rows,
+        "micro_batch": dict(args["micro_batch"]),
         "max_total_sequence_length": args["max_length"],
         "max_grad_norm": MAX_GRAD_NORM,
         "attn_implementation": attn_implementation,
@@ -219,17 +219,17 @@ def run_rl_toolkit(
         ],
     }
     policy_cfg["tokenizer"]["name"] = args["model_dir"]
-    policy_cfg["sequence_packing"] |= args["sequence_packing"]
     if mb_tokens is not None:
-        policy_cfg["sequence_packing"] |= {
-            "train_mb_tokens": mb_tokens,
-            "logprob_mb_tokens": mb_tokens,
-        }
+        policy_cfg["micro_batch"] |= {"train": mb_tokens, "logprob": mb_tokens}
     policy_cfg["optimizer"]["kwargs"] |= {"lr": LEARNING_RATE, "weight_decay": 0.0}
     policy_cfg["fsdp"]["activation_checkpointing"] = args["activation_checkpointing"]
     dpo_cfg |= {"reference_policy_kl_penalty": BETA, "reference_free": False}
     tokenizer = AutoTokenizer.from_pretrained(args["model_dir"])
-    worker = FSDP2PolicyWorker(config=policy_cfg, tokenizer=tokenizer)
+    worker = PolicyWorker(
+        config=policy_cfg, tokenizer=tokenizer, init_optimizer=True, init_reference_model=True
+    )
+    train_mbs = micro_batches(policy_cfg["micro_batch"], "train")
+    logprob_mbs = micro_batches(policy_cfg["micro_batch"], "logprob")
     loss_fn = DPOLossFn(dpo_cfg)
     items = [
         {
@@ -250,9 +250,9 @@ def run_rl_toolkit(
     clock = StepClock()
     for batch in batches:
         # What the recipe's add_ref_logprobs_to_data does, without the recipe's Ray imports.
-        reference = worker.get_reference_policy_logprobs(batch)["reference_logprobs"]
-        batch["reference_policy_logprobs"] = reference
-        worker.train(batch, loss_fn)
+        reference = worker.reference_logprobs(batch, logprob_mbs, response_only=True)
+        batch["reference_policy_logprobs"] = reference["reference_logprobs"]
+        worker.train(batch, loss_fn, train_mbs)
         clock.lap()
     worker.shutdown()
     return clock.laps

@@ -11,6 +11,7 @@ Batch sizes count sequences (rows of the batch), never pairs: a DPO global batch
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 
@@ -43,12 +44,36 @@ class FSDPConfig(TypedDict):
     reshard_after_forward: bool  # free gathered layer weights after forward (ZeRO-3) or keep them
 
 
-class SequencePackingConfig(TypedDict):
-    """Padding-free micro-batches (docs/guides/dpo.md, "Sequence packing")."""
+class MicroBatchConfig(TypedDict):
+    """How each worker cuts its share of a batch (docs/guides/dpo.md, "Micro-batches").
 
-    enabled: bool  # pack whole pairs into one row per micro-batch, cut by the token budgets
-    train_mb_tokens: PositiveInt  # real tokens per training micro-batch
-    logprob_mb_tokens: PositiveInt  # real tokens per log-prob forward
+    unit: "tokens": whole groups (pairs) packed into one row of at most `train` / `logprob`
+        real tokens, with attention within each sequence (no padding); "rows": padded
+        micro-batches of `train` / `logprob` sequences.
+    train: per training micro-batch (forward and backward).
+    logprob: per forward without backward (reference log-probs, validation).
+    """
+
+    unit: Literal["tokens", "rows"]
+    train: PositiveInt
+    logprob: PositiveInt
+
+
+@dataclass(frozen=True)
+class MicroBatches:
+    """One resolved micro-batch size, as the driver passes it to the workers.
+
+    packed: pack whole groups into one row of at most `size` real tokens; else `size` rows.
+    size: tokens per packed micro-batch, or rows per padded one.
+    """
+
+    packed: bool
+    size: int
+
+
+def micro_batches(config: MicroBatchConfig, purpose: Literal["train", "logprob"]) -> MicroBatches:
+    """The micro-batches of a training step ("train") or of a forward alone ("logprob")."""
+    return MicroBatches(packed=config["unit"] == "tokens", size=config[purpose])
 
 
 class OptimizerConfig(TypedDict):
@@ -75,14 +100,12 @@ class PolicyConfig(TypedDict):
     random_init: bool  # True: random weights seeded by `seed` from model_name's config
     seed: int
     train_global_batch_size: PositiveInt  # sequences per optimizer step, over all workers
-    train_micro_batch_size: PositiveInt  # sequences per forward/backward on one worker
-    logprob_batch_size: PositiveInt  # sequences per forward when computing log-probs
+    micro_batch: MicroBatchConfig  # how each worker cuts its share (tokens or rows)
     max_total_sequence_length: Annotated[int, Ge(2)]  # longest row (prompt + response)
     logprob_chunk_size: PositiveInt  # tokens whose full-vocabulary logits exist at once
     # "varlen": rl_toolkit's attention, computed within each sequence only (attention.py); or a
     # Hugging Face attn_implementation ("sdpa", "eager", "flash_attention_2", ...)
     attn_implementation: str
-    sequence_packing: SequencePackingConfig
     fsdp: FSDPConfig
     optimizer: OptimizerConfig
     scheduler: list[SchedulerConfig]
@@ -186,10 +209,12 @@ class DPOConfig(DPOLossConfig):
     max_num_epochs / max_num_steps: training stops at whichever comes first.
     val_period: validate every this many steps (0: never, except at start and end).
     val_batches: validation batches per validation (0: the whole validation set).
-    val_global_batch_size / val_micro_batch_size: sequences (2 per pair) per validation batch /
-        micro-batch.
+    val_global_batch_size: sequences (2 per pair) per validation batch; its micro-batches are
+        policy.micro_batch's `logprob` ones (no backward).
     val_at_start: validate before the first step.
     seed: seeds Python, NumPy, torch and the data order.
+    reference_cache_mib: driver memory (MiB) in which each pair's reference log-probs are kept
+        and reused while the reference does not change (later epochs, validation); 0: none.
     sync_ref_model / ref_model_sync_steps / ref_model_mixup_alpha: TR-DPO; every
         ref_model_sync_steps steps, reference <- alpha * policy + (1 - alpha) * reference.
     """
@@ -199,9 +224,9 @@ class DPOConfig(DPOLossConfig):
     val_period: NonNegativeInt
     val_batches: NonNegativeInt
     val_global_batch_size: PositiveInt
-    val_micro_batch_size: PositiveInt
     val_at_start: bool
     seed: int
+    reference_cache_mib: NonNegativeInt
     sync_ref_model: bool
     ref_model_sync_steps: PositiveInt
     ref_model_mixup_alpha: Fraction
@@ -324,28 +349,26 @@ def num_workers(cluster: ClusterConfig) -> int:
 
 
 def _check_batch_sizes(config: MasterConfig) -> None:
-    """Global batches split into whole pairs per worker; without packing, into micro-batches."""
+    """Global batches split into whole pairs per worker; row micro-batches into whole pairs."""
     policy, dpo = config["policy"], config["dpo"]
     workers = num_workers(config["cluster"])
-    packing = policy["sequence_packing"]["enabled"]
-    for gbs_key, gbs, mbs_key, mbs in (
-        ("policy.train_global_batch_size", policy["train_global_batch_size"],
-         "policy.train_micro_batch_size", policy["train_micro_batch_size"]),
-        ("dpo.val_global_batch_size", dpo["val_global_batch_size"],
-         "dpo.val_micro_batch_size", dpo["val_micro_batch_size"]),
-    ):  # fmt: skip
+    micro_batch = policy["micro_batch"]
+    for gbs_key, gbs, purpose in (
+        ("policy.train_global_batch_size", policy["train_global_batch_size"], "train"),
+        ("dpo.val_global_batch_size", dpo["val_global_batch_size"], "logprob"),
+    ):
         if gbs % (2 * workers):
             raise ConfigError(
                 f"{gbs_key}={gbs} must split into whole pairs (2 sequences each) over "
                 f"{workers} workers (cluster.gpus_per_node x cluster.num_nodes): use a multiple "
                 f"of {2 * workers}"
             )
-        if packing:
-            continue  # micro-batches are cut by token budgets; the row sizes are unused
-        if mbs % 2 or (gbs // workers) % mbs:
+        rows = micro_batch[purpose]
+        if micro_batch["unit"] == "rows" and (rows % 2 or (gbs // workers) % rows):
             raise ConfigError(
-                f"{mbs_key}={mbs} must be even (whole pairs) and divide the {gbs // workers} "
-                f"sequences each of the {workers} workers gets of {gbs_key}={gbs}"
+                f"policy.micro_batch.{purpose}={rows} rows must be even (whole pairs) and divide "
+                f"the {gbs // workers} sequences each of the {workers} workers gets of "
+                f"{gbs_key}={gbs}"
             )
 
 

@@ -27,14 +27,17 @@ from rl_toolkit.config_schema import (
     CheckpointingConfig,
     DPOConfig,
     MasterConfig,
+    MicroBatches,
     check_master_config,
+    micro_batches,
 )
 from rl_toolkit.data import TaskDataSpec, build_dataloader, pad_batch_to
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, check_cluster_fits
+from rl_toolkit.models.attention import check_attn_implementation
 from rl_toolkit.models.optim import check_optimizer_config
-from rl_toolkit.models.policy.attention import check_attn_implementation
 from rl_toolkit.models.policy.lm_policy import Policy
+from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
 from rl_toolkit.utils.checkpoint import (
     CheckpointManager,
     load_dataloader_state,
@@ -132,6 +135,7 @@ def setup(
         tokenizer,
         init_optimizer=True,
         init_reference_model=not dpo_config["reference_free"],
+        reference_cache=_reference_cache(dpo_config),
         weights_path=_policy_paths(resume_path)["weights_path"] if resume_path else None,
         optimizer_path=_policy_paths(resume_path)["optimizer_path"] if resume_path else None,
     )
@@ -147,6 +151,13 @@ def setup(
         task_spec,
         dpo_save_state,
     )
+
+
+def _reference_cache(dpo_config: DPOConfig) -> ReferenceLogprobCache | None:
+    """Reference log-probs are reused while the reference is fixed, within dpo.reference_cache_mib."""
+    if dpo_config["reference_free"] or dpo_config["reference_cache_mib"] == 0:
+        return None
+    return ReferenceLogprobCache(max_bytes=dpo_config["reference_cache_mib"] * 2**20)
 
 
 def _build_dataloaders(
@@ -205,11 +216,11 @@ def _save_state_from(training_info: dict[str, Any]) -> DPOSaveState:
     return {k: v for k, v in training_info.items() if k in keys}  # type: ignore[return-value]
 
 
-def _policy_paths(checkpoint: Path) -> dict[str, Path]:
+def _policy_paths(checkpoint: Path) -> dict[str, str]:
     return {
-        "weights_path": checkpoint / "policy" / "weights",
-        "optimizer_path": checkpoint / "policy" / "optimizer",
-        "tokenizer_path": checkpoint / "policy" / "tokenizer",
+        "weights_path": str(checkpoint / "policy" / "weights"),
+        "optimizer_path": str(checkpoint / "policy" / "optimizer"),
+        "tokenizer_path": str(checkpoint / "policy" / "tokenizer"),
     }
 
 
@@ -229,11 +240,12 @@ def add_ref_logprobs_to_data(
     size, so every worker gets the same number of pairs and nothing is dropped.
     """
     dpo_config = master_config["dpo"]
+    logprob_mbs = micro_batches(master_config["policy"]["micro_batch"], "logprob")
     for batch in dataloader:
         if is_val:
             batch = pad_batch_to(batch, dpo_config["val_global_batch_size"] // 2)
         if not dpo_config["reference_free"]:
-            reference = policy.get_reference_policy_logprobs(batch)
+            reference = policy.reference_logprobs(batch, logprob_mbs)
             batch["reference_policy_logprobs"] = reference["reference_logprobs"]
         yield batch
 
@@ -247,9 +259,11 @@ def validate(
     master_config: MasterConfig,
     val_batches: int,
     val_batch_size: int,
-    val_mbs: int,
+    val_mbs: MicroBatches,
 ) -> dict[str, float]:
     """The loss and metrics on `val_batches` validation batches (all when 0), in eval mode.
+
+    Each batch (padded to `val_batch_size` sequences) is evaluated in `val_mbs` micro-batches.
 
     Returns means over the valid pairs of all batches: each batch's metrics are global-batch
     means, so they are weighted by the batch's number of valid pairs.
@@ -260,7 +274,8 @@ def validate(
     for i, batch in enumerate(batches):
         if val_batches > 0 and i >= val_batches:
             break
-        metrics = policy.train(batch, loss_fn, eval_mode=True, gbs=val_batch_size, mbs=val_mbs)
+        assert batch.size == val_batch_size, f"validation batch of {batch.size} sequences"
+        metrics = policy.evaluate(batch, loss_fn, val_mbs)
         weight = metrics["num_valid_samples"]
         num_pairs += weight
         for key, value in metrics.items():
@@ -298,6 +313,7 @@ def dpo_train(
     dpo_config = master_config["dpo"]
     state = dpo_save_state
     timer = Timer()
+    train_mbs = micro_batches(master_config["policy"]["micro_batch"], "train")
     steps_per_epoch = len(train_dataloader)
     total_steps = min(dpo_config["max_num_steps"], dpo_config["max_num_epochs"] * steps_per_epoch)
     if dpo_config["val_at_start"] and state["total_steps"] == 0:
@@ -318,7 +334,7 @@ def dpo_train(
             add_ref_logprobs_to_data(train_dataloader, policy, master_config), timer
         ):
             with timer.time("training"):
-                metrics = policy.train(batch, loss_fn)
+                metrics = policy.train(batch, loss_fn, train_mbs)
             state["step"] += 1
             state["total_steps"] += 1
             state["consumed_samples"] += metrics["num_valid_samples"]
@@ -390,7 +406,7 @@ def _run_validation(
             master_config,
             val_batches=dpo_config["val_batches"],
             val_batch_size=dpo_config["val_global_batch_size"],
-            val_mbs=dpo_config["val_micro_batch_size"],
+            val_mbs=micro_batches(master_config["policy"]["micro_batch"], "logprob"),
         )
     state["val_loss"] = metrics["loss"]
     logger.log_metrics(metrics, state["total_steps"], prefix="validation")
@@ -409,10 +425,12 @@ def _save_checkpoint(
     Returns the complete checkpoint's folder."""
     tmp = checkpointer.begin(state["total_steps"])
     paths = _policy_paths(tmp)
-    policy.save_checkpoint(**paths)
+    policy.workers.run_all_workers_single_data("save_checkpoint", **paths)
     if master_config["checkpointing"]["save_hf"]:
         max_shard_size = parse_shard_size(master_config["checkpointing"]["hf_max_shard_size"])
-        policy.export_hf(tmp / "hf", max_shard_size=max_shard_size)
+        policy.workers.run_all_workers_single_data(
+            "export_hf", path=str(tmp / "hf"), max_shard_size=max_shard_size
+        )
     save_dataloader_state(tmp, train_dataloader.state_dict())
     save_rng_state(tmp)
     save_config(master_config, tmp / "config.yaml")

@@ -34,7 +34,6 @@ TINY = [
     "dpo.val_batches=1",
     "dpo.val_at_start=true",
     "policy.train_global_batch_size=32",
-    "policy.train_micro_batch_size=8",
     "checkpointing.save_period=4",
     "checkpointing.keep_top_k=null",
     "checkpointing.save_hf=true",

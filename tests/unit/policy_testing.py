@@ -8,8 +8,9 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rl_toolkit.config_schema import PolicyConfig
+from rl_toolkit.config_schema import MicroBatches, PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
+from rl_toolkit.models.policy.worker import PolicyWorker
 
 VOCAB_SIZE = 64
 PAD_ID = 0
@@ -51,12 +52,10 @@ def make_config(model_dir: Path, **overrides: Any) -> PolicyConfig:
         "random_init": False,
         "seed": 7,
         "train_global_batch_size": 8,
-        "train_micro_batch_size": 2,
-        "logprob_batch_size": 4,
+        "micro_batch": {"unit": "rows", "train": 2, "logprob": 4},
         "max_total_sequence_length": 32,
         "logprob_chunk_size": 7,
         "attn_implementation": "varlen",
-        "sequence_packing": {"enabled": False, "train_mb_tokens": 24, "logprob_mb_tokens": 40},
         "fsdp": {
             "activation_checkpointing": False,
             "cpu_offload": False,
@@ -130,3 +129,21 @@ def naive_logprobs(model: torch.nn.Module, data: BatchedDataDict) -> torch.Tenso
     logprobs = logprobs.gather(2, input_ids[:, 1:, None]).squeeze(2)
     logprobs = torch.nn.functional.pad(logprobs, (1, 0))
     return logprobs * ((positions >= 1) & (positions < lengths[:, None]))
+
+
+# The micro-batches of make_config (rows), and packed ones (tokens) for the packing tests.
+TRAIN_MBS = MicroBatches(packed=False, size=2)
+LOGPROB_MBS = MicroBatches(packed=False, size=4)
+PACKED_TRAIN_MBS = MicroBatches(packed=True, size=24)
+PACKED_LOGPROB_MBS = MicroBatches(packed=True, size=40)
+
+
+def new_worker(config: PolicyConfig, **kwargs: Any) -> PolicyWorker:
+    """A policy worker with optimizer and reference, in this process."""
+    return PolicyWorker(
+        config=config,
+        tokenizer=make_tokenizer(),
+        init_optimizer=True,
+        init_reference_model=True,
+        **kwargs,
+    )

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from rl_toolkit.models.policy.attention import (
+from rl_toolkit.models.attention import (
     VARLEN_ATTENTION,
     _flash_varlen,
     check_attn_implementation,
@@ -16,7 +16,7 @@ from rl_toolkit.models.policy.attention import (
     sequence_bounds,
     varlen_attention_forward,
 )
-from rl_toolkit.models.policy.packing import pack_rows
+from rl_toolkit.models.packing import pack_rows
 
 LENGTHS = [5, 9, 1, 3]  # a sequence of one token too
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8

@@ -43,9 +43,10 @@ def one_line_error(*overrides: str) -> str:
         ("dpo.val_period=-1", "'dpo.val_period': input should be greater than or equal to 0"),
         ("dpo.max_num_steps=-1", "'dpo.max_num_steps': input should be greater than or equal"),
         ("dpo.max_num_epochs=0", "'dpo.max_num_epochs': input should be greater than or equal"),
-        ("policy.logprob_batch_size=0", "'policy.logprob_batch_size': input should be greater"),
+        ("policy.micro_batch.logprob=0", "'policy.micro_batch.logprob': input should be greater"),
         ("policy.logprob_chunk_size=0", "'policy.logprob_chunk_size': input should be greater"),
-        ("policy.sequence_packing.train_mb_tokens=0", "'policy.sequence_packing.train_mb_tokens'"),
+        ("policy.micro_batch.train=0", "'policy.micro_batch.train': input should be greater"),
+        ("policy.micro_batch.unit=pairs", "'policy.micro_batch.unit': input should be 'tokens'"),
         ("data.pad_to_multiple_of=-8", "'data.pad_to_multiple_of': input should be greater"),
         ("dpo.ref_model_mixup_alpha=2", "'dpo.ref_model_mixup_alpha': input should be less than"),
     ],
@@ -78,8 +79,8 @@ def test_out_of_range_values_are_one_line_naming_the_key_and_range(
             "dpo.val_global_batch_size=8 must split into whole pairs",
         ),
         (
-            ["policy.sequence_packing.enabled=false", "policy.train_micro_batch_size=12"],
-            "policy.train_micro_batch_size=12 must be even (whole pairs) and divide the 32 "
+            ["policy.micro_batch={unit: rows, train: 12, logprob: 32}"],
+            "policy.micro_batch.train=12 rows must be even (whole pairs) and divide the 32 "
             "sequences each of the 2 workers gets",
         ),
         (
@@ -100,9 +101,12 @@ def test_rules_between_keys_fail_before_any_worker(overrides: list[str], expecte
     assert expected in one_line_error(*overrides)
 
 
-def test_packing_leaves_the_unused_micro_batch_sizes_alone() -> None:
-    # With packing on, micro-batches are cut by tokens; an odd row size is not an error.
-    check_config(tiny("policy.train_micro_batch_size=3", "dpo.val_micro_batch_size=5"))
+def test_token_micro_batches_need_not_divide_anything() -> None:
+    # Counted in tokens, micro-batches are cut by a budget; any size is fine.
+    check_config(tiny("policy.micro_batch.train=333", "policy.micro_batch.logprob=77"))
+    # The form not chosen cannot be set at all: there is one set of sizes and its unit.
+    with pytest.raises(ConfigError, match="unknown key 'policy.train_micro_batch_size'"):
+        tiny("policy.train_micro_batch_size=16")
 
 
 def test_unwritable_output_folders_fail_at_start(tmp_path: Path) -> None:

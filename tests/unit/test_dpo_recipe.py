@@ -9,6 +9,7 @@ import torch
 
 from rl_toolkit.algorithms import dpo
 from rl_toolkit.algorithms.loss_functions import DPOLossFn
+from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.data import build_dataloader, load_preference_dataset, tokenize_preference_dataset
 from rl_toolkit.utils.checkpoint import CheckpointManager
 from rl_toolkit.utils.config import load_config
@@ -18,25 +19,41 @@ from rl_toolkit.utils.logger import Logger, read_metrics
 REPO = Path(__file__).resolve().parents[2]
 
 
+class FakeWorkers:
+    """The workers' side of FakePolicy: calls by method name go to the fake's methods."""
+
+    def __init__(self, policy: "FakePolicy") -> None:
+        self.policy = policy
+
+    def run_all_workers_single_data(self, method: str, **kwargs) -> list:
+        return [getattr(self.policy, method)(**kwargs)]
+
+
 class FakePolicy:
     """Records what the recipe asks of it; 'trains' by counting steps."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.steps = 0
+        self.workers = FakeWorkers(self)
 
-    def get_reference_policy_logprobs(self, data):
+    def reference_logprobs(self, data, micro_batches):
+        assert micro_batches == MicroBatches(packed=True, size=4096)  # policy.micro_batch.logprob
         self.calls.append(("reference", data.size))
         return {"reference_logprobs": torch.zeros(data["input_ids"].shape)}
 
-    def train(self, data, loss_fn, eval_mode=False, gbs=None, mbs=None):
-        assert data.size == gbs or gbs is None
-        if eval_mode:
-            self.calls.append(("eval", data.size))
-        else:
-            self.calls.append(("train", tuple(data["pair_ids"][0::2].tolist())))
-        if not eval_mode:
-            self.steps += 1
+    def train(self, data, loss_fn, micro_batches):
+        assert micro_batches == MicroBatches(packed=True, size=2048)  # policy.micro_batch.train
+        self.calls.append(("train", tuple(data["pair_ids"][0::2].tolist())))
+        self.steps += 1
+        return self._metrics(data, loss_fn)
+
+    def evaluate(self, data, loss_fn, micro_batches):
+        assert micro_batches == MicroBatches(packed=True, size=4096)
+        self.calls.append(("eval", data.size))
+        return self._metrics(data, loss_fn)
+
+    def _metrics(self, data, loss_fn):
         # The real loss on all-zero log-probs: ln 2 per valid pair.
         logprobs = torch.zeros(data["input_ids"].shape)
         num_seqs = data["sample_mask"].sum()
@@ -84,7 +101,7 @@ def run(tmp_path: Path, tiny_data, overrides: dict[str, dict[str, Any]], policy=
     base, tokenizer, splits = tiny_data
     config = json.loads(json.dumps(base))
     config["policy"]["train_global_batch_size"] = 8
-    config["dpo"].update(val_global_batch_size=8, val_micro_batch_size=4, val_at_start=False)
+    config["dpo"].update(val_global_batch_size=8, val_at_start=False)
     config["checkpointing"].update(checkpoint_dir=str(tmp_path / "ckpt"), save_period=100)
     config["logger"].update(log_dir=str(tmp_path / "logs"), tensorboard_enabled=False)
     for section, values in overrides.items():

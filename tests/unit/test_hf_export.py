@@ -22,6 +22,8 @@ from rl_toolkit.utils.hf_export import (
     tied_parameter_names,
 )
 from tests.unit.policy_testing import (
+    LOGPROB_MBS,
+    TRAIN_MBS,
     make_batch,
     make_config,
     make_tokenizer,
@@ -209,12 +211,20 @@ def test_push_to_hub_uploads_every_file_of_the_export(tmp_path, hub):
 def test_two_workers_export_tied_sharded_weights_that_give_the_policys_logprobs(tmp_path):
     save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
     cluster = RayVirtualCluster([2], use_gpus=False, name="hf-export-2w")
-    policy = Policy(cluster, make_config(tmp_path / "tied"), make_tokenizer())
+    policy = Policy(
+        cluster,
+        make_config(tmp_path / "tied"),
+        make_tokenizer(),
+        init_optimizer=True,
+        init_reference_model=True,
+    )
     try:
         data = make_batch(seed=3)
-        policy.train(data, token_nll_loss)
-        expected = policy.get_logprobs(data)["logprobs"]
-        policy.export_hf(str(tmp_path / "hf"), max_shard_size=SMALL_SHARDS)
+        policy.train(data, token_nll_loss, TRAIN_MBS)
+        expected = policy.logprobs(data, LOGPROB_MBS)["logprobs"]
+        policy.workers.run_all_workers_single_data(
+            "export_hf", path=str(tmp_path / "hf"), max_shard_size=SMALL_SHARDS
+        )
     finally:
         policy.shutdown()
         cluster.shutdown()

@@ -5,13 +5,16 @@ import copy
 import pytest
 import torch
 
-from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
-from rl_toolkit.models.policy.packing import pack_rows, token_budget_groups
+from rl_toolkit.config_schema import MicroBatches
+from rl_toolkit.models.packing import pack_rows, token_budget_groups
+from rl_toolkit.models.policy.worker import PolicyWorker
 from tests.unit.policy_testing import (
+    LOGPROB_MBS,
+    TRAIN_MBS,
     make_batch,
     make_config,
-    make_tokenizer,
     naive_logprobs,
+    new_worker,
     sequence_margin_loss,
 )
 
@@ -39,7 +42,7 @@ def test_pack_rows_restarts_positions_and_drops_padding():
     assert cu_seq_lens.tolist() == [0, 3, 5, 9]
 
 
-def _worker(path, packing: bool, attn: str = "varlen", **budgets: int) -> FSDP2PolicyWorker:
+def _worker(path, attn: str = "varlen") -> PolicyWorker:
     # SGD with lr 1: the weight change is the gradient itself (Adam would magnify the float
     # rounding of near-zero gradient entries).
     config = make_config(
@@ -47,8 +50,7 @@ def _worker(path, packing: bool, attn: str = "varlen", **budgets: int) -> FSDP2P
         optimizer={"name": "torch.optim.SGD", "kwargs": {"lr": 1.0}},
         attn_implementation=attn,
     )
-    config["sequence_packing"] = {**config["sequence_packing"], "enabled": packing, **budgets}
-    return FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
+    return new_worker(config)
 
 
 # varlen: rl_toolkit's per-sequence attention; sdpa: transformers' block-diagonal mask.
@@ -58,13 +60,14 @@ def test_packed_logprobs_equal_the_padded_path(tiny, attn):
     data = make_batch(seed=31, num_pairs=5, seq_len=16)
     expected = naive_logprobs(hf_model, data)  # (10, 16), the padded HF forward
     # A budget of 60 tokens puts two or three pairs in each packed row.
-    worker = _worker(path, packing=True, attn=attn, logprob_mb_tokens=60)
+    worker = _worker(path, attn=attn)
     assert len(token_budget_groups(data["input_lengths"], 2, 60)) < 5
+    packed_mbs = MicroBatches(packed=True, size=60)
 
-    packed = worker.get_logprobs(data)["logprobs"]
-    reference = worker.get_reference_policy_logprobs(data)["reference_logprobs"]
-    worker.cfg["sequence_packing"]["enabled"] = False
-    padded = worker.get_logprobs(data)["logprobs"]
+    packed = worker.logprobs(data, packed_mbs, response_only=False)["logprobs"]
+    reference = worker.reference_logprobs(data, packed_mbs, response_only=True)
+    reference = reference["reference_logprobs"]
+    padded = worker.logprobs(data, LOGPROB_MBS, response_only=False)["logprobs"]
 
     torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(padded, expected, atol=1e-5, rtol=0)
@@ -79,9 +82,12 @@ def test_packed_token_budget_step_equals_padded_step(tiny, attn):
     data = make_batch(seed=32, num_pairs=4, seq_len=16)
     metrics, weights = [], []
     # The padded step with transformers' own masked attention is the reference.
-    for packing, attn_implementation in ((False, "sdpa"), (True, attn)):
-        worker = _worker(tiny[0], packing, attn_implementation, train_mb_tokens=30)
-        metrics.append(worker.train(copy.deepcopy(data), sequence_margin_loss))
+    for micro_batches, attn_implementation in (
+        (TRAIN_MBS, "sdpa"),
+        (MicroBatches(packed=True, size=30), attn),
+    ):
+        worker = _worker(tiny[0], attn_implementation)
+        metrics.append(worker.train(copy.deepcopy(data), sequence_margin_loss, micro_batches))
         weights.append(
             {n: p.full_tensor().clone() for n, p in worker.model.causal_lm.named_parameters()}
         )

@@ -4,15 +4,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
-from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
+from rl_toolkit.models.packing import token_budget_groups
 from rl_toolkit.models.policy.lm_policy import Policy
-from rl_toolkit.models.policy.packing import token_budget_groups
 from tests.unit.policy_testing import (
     make_batch,
     make_config,
     make_tokenizer,
     naive_logprobs,
+    new_worker,
     save_tiny_llama,
     sequence_margin_loss,
 )
@@ -20,11 +21,12 @@ from tests.unit.policy_testing import (
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
+TRAIN, LOGPROB = MicroBatches(packed=True, size=44), MicroBatches(packed=True, size=30)
+
+
 def _config(model_dir):
     # SGD with lr 1: the weight change is the gradient itself, compared at float32 precision.
-    config = make_config(model_dir, optimizer={"name": "torch.optim.SGD", "kwargs": {"lr": 1.0}})
-    config["sequence_packing"] = {"enabled": True, "train_mb_tokens": 44, "logprob_mb_tokens": 30}
-    return config
+    return make_config(model_dir, optimizer={"name": "torch.optim.SGD", "kwargs": {"lr": 1.0}})
 
 
 def test_two_packed_workers_with_uneven_micro_batches_match_one(tmp_path):
@@ -34,20 +36,22 @@ def test_two_packed_workers_with_uneven_micro_batches_match_one(tmp_path):
     counts = [len(token_budget_groups(lengths, 2, 44)) for lengths in halves]
     assert counts[0] != counts[1], "the test needs workers with different micro-batch counts"
 
-    worker = FSDP2PolicyWorker(config=_config(tmp_path), tokenizer=make_tokenizer())
-    expected = worker.train(data, sequence_margin_loss)
+    worker = new_worker(_config(tmp_path))
+    expected = worker.train(data, sequence_margin_loss, TRAIN)
     worker.export_hf(str(tmp_path / "one"))
     worker.shutdown()
 
     cluster = RayVirtualCluster([2], use_gpus=False, name="packed-2w")
-    policy = Policy(cluster, _config(tmp_path), make_tokenizer())
+    policy = Policy(
+        cluster, _config(tmp_path), make_tokenizer(), init_optimizer=True, init_reference_model=True
+    )
     try:
-        logprobs = policy.get_logprobs(data)["logprobs"]
+        logprobs = policy.logprobs(data, LOGPROB)["logprobs"]
         # One pair for two workers: the second has no rows and runs a dummy forward.
         one_pair = data.select_indices([0, 1])
-        one_pair_logprobs = policy.get_logprobs(one_pair)["logprobs"]
-        metrics = policy.train(data, sequence_margin_loss)
-        policy.export_hf(str(tmp_path / "two"))
+        one_pair_logprobs = policy.logprobs(one_pair, LOGPROB)["logprobs"]
+        metrics = policy.train(data, sequence_margin_loss, TRAIN)
+        policy.workers.run_all_workers_single_data("export_hf", path=str(tmp_path / "two"))
     finally:
         policy.shutdown()
         cluster.shutdown()

@@ -8,16 +8,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from rl_toolkit.config_schema import PolicyConfig
+from rl_toolkit.config_schema import MicroBatches, PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
-from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
 from rl_toolkit.models.policy.lm_policy import Policy
 from tests.unit.policy_testing import (
+    LOGPROB_MBS,
+    TRAIN_MBS,
     make_batch,
     make_config,
     make_tokenizer,
     naive_logprobs,
+    new_worker,
     save_tiny_llama,
     sequence_margin_loss,
     token_nll_loss,
@@ -31,7 +33,13 @@ class _PolicyOnCluster:
 
     def __init__(self, num_workers: int, name: str, **policy_kwargs) -> None:
         self.cluster = RayVirtualCluster([num_workers], use_gpus=False, name=name)
-        self.policy = Policy(self.cluster, tokenizer=make_tokenizer(), **policy_kwargs)
+        self.policy = Policy(
+            self.cluster,
+            tokenizer=make_tokenizer(),
+            init_optimizer=True,
+            init_reference_model=True,
+            **policy_kwargs,
+        )
 
     def close(self) -> None:
         self.policy.shutdown()
@@ -48,7 +56,7 @@ def tiny(tmp_path_factory) -> tuple[Path, PreTrainedModel]:
     """The model directory and the HF model of its random initial weights (one worker)."""
     path = tmp_path_factory.mktemp("tiny_llama_ray")
     save_tiny_llama(path)
-    worker = FSDP2PolicyWorker(config=_config(path), tokenizer=make_tokenizer())
+    worker = new_worker(_config(path))
     worker.export_hf(str(path / "initial"))
     worker.shutdown()
     return path, AutoModelForCausalLM.from_pretrained(path / "initial").eval()
@@ -64,10 +72,10 @@ def two_workers(tiny) -> Iterator[Policy]:
 
 def _steps_in_process(model_dir, batches: list[BatchedDataDict], loss_fn, tmp_path) -> list:
     """Metrics and weights after each step of one in-process worker, one micro-batch per step."""
-    worker = FSDP2PolicyWorker(config=_config(model_dir), tokenizer=make_tokenizer())
+    worker = new_worker(_config(model_dir))
     results = []
     for step, data in enumerate(batches):
-        metrics = worker.train(data, loss_fn, mbs=data.size)
+        metrics = worker.train(data, loss_fn, MicroBatches(packed=False, size=data.size))
         worker.export_hf(str(tmp_path / f"one_worker_{step}"))
         weights = load_file(tmp_path / f"one_worker_{step}" / "model.safetensors")
         results.append({"metrics": metrics, "weights": weights})
@@ -80,7 +88,7 @@ def test_logprobs_come_back_in_row_order(tiny, two_workers, num_pairs):
     # The workers get 2 and 1 pairs, or 1 and none: all run the same number of forwards.
     # Equal to one worker's log-probs: the random initial weights are the same.
     data = make_batch(seed=20 + num_pairs, num_pairs=num_pairs)
-    logprobs = two_workers.get_logprobs(data)["logprobs"]
+    logprobs = two_workers.logprobs(data, LOGPROB_MBS)["logprobs"]
     torch.testing.assert_close(logprobs, naive_logprobs(tiny[1], data), atol=1e-5, rtol=0)
 
 
@@ -94,8 +102,10 @@ def test_same_step_for_any_split_of_the_global_batch(tiny, two_workers, tmp_path
     expected = _steps_in_process(tiny[0], batches, sequence_margin_loss, tmp_path)
 
     for step, (data, mbs) in enumerate(zip(batches, (2, 4), strict=True)):
-        metrics = two_workers.train(data, sequence_margin_loss, mbs=mbs)
-        two_workers.export_hf(str(tmp_path / f"two_workers_{step}"))
+        metrics = two_workers.train(data, sequence_margin_loss, MicroBatches(False, mbs))
+        two_workers.workers.run_all_workers_single_data(
+            "export_hf", path=str(tmp_path / f"two_workers_{step}")
+        )
 
         for key in ("loss", "accuracy", "grad_norm", "num_valid_seqs", "num_valid_tokens"):
             assert metrics[key] == pytest.approx(expected[step]["metrics"][key], abs=1e-5), key
@@ -108,18 +118,21 @@ def test_reference_stays_initial_through_training_save_and_resume(tiny, two_work
     data = make_batch(seed=26)
     initial = naive_logprobs(tiny[1], data)
     for _ in range(2):
-        two_workers.train(data, token_nll_loss)
-    trained = two_workers.get_logprobs(data)["logprobs"]
+        two_workers.train(data, token_nll_loss, TRAIN_MBS)
+    trained = two_workers.logprobs(data, LOGPROB_MBS)["logprobs"]
     assert not torch.allclose(trained, initial, atol=1e-3)
-    reference = two_workers.get_reference_policy_logprobs(data)["reference_logprobs"]
+    reference = two_workers.reference_logprobs(data, LOGPROB_MBS)["reference_logprobs"]
     torch.testing.assert_close(reference, initial * data["token_mask"], atol=1e-5, rtol=0)
-    eval_metrics = two_workers.train(data, token_nll_loss, eval_mode=True)
-    torch.testing.assert_close(two_workers.get_logprobs(data)["logprobs"], trained)
+    eval_metrics = two_workers.evaluate(data, token_nll_loss, LOGPROB_MBS)
+    torch.testing.assert_close(two_workers.logprobs(data, LOGPROB_MBS)["logprobs"], trained)
     assert "grad_norm" not in eval_metrics
 
     ckpt = tmp_path / "step_4"
-    two_workers.save_checkpoint(
-        str(ckpt / "weights"), str(ckpt / "optimizer"), str(ckpt / "tokenizer")
+    two_workers.workers.run_all_workers_single_data(
+        "save_checkpoint",
+        weights_path=str(ckpt / "weights"),
+        optimizer_path=str(ckpt / "optimizer"),
+        tokenizer_path=str(ckpt / "tokenizer"),
     )
     # Resume with a different number of workers, in a new group of processes.
     resumed = _PolicyOnCluster(
@@ -131,19 +144,19 @@ def test_reference_stays_initial_through_training_save_and_resume(tiny, two_work
     )
     try:
         torch.testing.assert_close(
-            resumed.policy.get_logprobs(data)["logprobs"], trained, atol=1e-5, rtol=0
+            resumed.policy.logprobs(data, LOGPROB_MBS)["logprobs"], trained, atol=1e-5, rtol=0
         )
-        resumed_reference = resumed.policy.get_reference_policy_logprobs(data)
+        resumed_reference = resumed.policy.reference_logprobs(data, LOGPROB_MBS)
         torch.testing.assert_close(
             resumed_reference["reference_logprobs"], initial * data["token_mask"], atol=1e-5, rtol=0
         )
         # Optimizer and scheduler resumed too: the next step is the same on both.
-        after_resume = resumed.policy.train(data, token_nll_loss, mbs=8)
-        after_original = two_workers.train(data, token_nll_loss)
+        after_resume = resumed.policy.train(data, token_nll_loss, MicroBatches(False, 8))
+        after_original = two_workers.train(data, token_nll_loss, TRAIN_MBS)
         assert after_resume["grad_norm"] == pytest.approx(after_original["grad_norm"], abs=1e-5)
         torch.testing.assert_close(
-            resumed.policy.get_logprobs(data)["logprobs"],
-            two_workers.get_logprobs(data)["logprobs"],
+            resumed.policy.logprobs(data, LOGPROB_MBS)["logprobs"],
+            two_workers.logprobs(data, LOGPROB_MBS)["logprobs"],
             atol=1e-5,
             rtol=0,
         )
@@ -155,13 +168,11 @@ def test_reference_stays_initial_through_training_save_and_resume(tiny, two_work
 def test_reference_sync_and_hf_export(tiny, two_workers, tmp_path):
     data = make_batch(seed=24)
     two_workers.update_reference_model(mixup_alpha=1.0)
-    policy_logprobs = two_workers.get_logprobs(data)["logprobs"]
-    reference = two_workers.get_reference_policy_logprobs(data)["reference_logprobs"]
+    policy_logprobs = two_workers.logprobs(data, LOGPROB_MBS)["logprobs"]
+    reference = two_workers.reference_logprobs(data, LOGPROB_MBS)["reference_logprobs"]
     torch.testing.assert_close(reference, policy_logprobs * data["token_mask"], atol=1e-6, rtol=0)
 
-    two_workers.prepare_for_lp_inference()
-    two_workers.prepare_for_training()
-    two_workers.export_hf(str(tmp_path / "hf"))
+    two_workers.workers.run_all_workers_single_data("export_hf", path=str(tmp_path / "hf"))
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(naive_logprobs(exported, data), policy_logprobs, atol=1e-5, rtol=0)
@@ -169,4 +180,4 @@ def test_reference_sync_and_hf_export(tiny, two_workers, tmp_path):
 
 def test_train_rejects_a_batch_of_the_wrong_size(two_workers):
     with pytest.raises(ValueError, match="global batch size is 8 rows"):
-        two_workers.train(make_batch(seed=25, num_pairs=3), token_nll_loss)
+        two_workers.train(make_batch(seed=25, num_pairs=3), token_nll_loss, TRAIN_MBS)

@@ -9,16 +9,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rl_toolkit.algorithms.loss_functions import DPOLossFn
-from rl_toolkit.config_schema import PolicyConfig
-from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
+from rl_toolkit.config_schema import MicroBatches, PolicyConfig
+from rl_toolkit.models.policy.worker import PolicyWorker
 from rl_toolkit.utils.config import validate_config
 from rl_toolkit.utils.safe_load import CheckpointError
 from tests.unit.malicious import RunsCode
 from tests.unit.policy_testing import (
+    LOGPROB_MBS,
+    PACKED_LOGPROB_MBS,
+    PACKED_TRAIN_MBS,
+    TRAIN_MBS,
     make_batch,
     make_config,
-    make_tokenizer,
     naive_logprobs,
+    new_worker,
     save_tiny_llama,
     sequence_margin_loss,
     token_nll_loss,
@@ -26,13 +30,13 @@ from tests.unit.policy_testing import (
 
 
 @pytest.fixture
-def worker(tiny) -> Iterator[FSDP2PolicyWorker]:
-    worker = FSDP2PolicyWorker(config=make_config(tiny[0]), tokenizer=make_tokenizer())
+def worker(tiny) -> Iterator[PolicyWorker]:
+    worker = new_worker(make_config(tiny[0]))
     yield worker
     worker.shutdown()
 
 
-def _parameters(worker: FSDP2PolicyWorker) -> dict[str, torch.Tensor]:
+def _parameters(worker: PolicyWorker) -> dict[str, torch.Tensor]:
     return {
         name: param.full_tensor().detach().clone()
         for name, param in worker.model.causal_lm.named_parameters()
@@ -43,8 +47,10 @@ def test_logprobs_match_the_hf_model(tiny, worker):
     path, hf_model = tiny
     data = make_batch(seed=1, num_pairs=3)
 
-    logprobs = worker.get_logprobs(data)["logprobs"]
-    reference = worker.get_reference_policy_logprobs(data)["reference_logprobs"]
+    logprobs = worker.logprobs(data, LOGPROB_MBS, response_only=False)["logprobs"]
+    reference = worker.reference_logprobs(data, LOGPROB_MBS, response_only=True)[
+        "reference_logprobs"
+    ]
 
     expected = naive_logprobs(hf_model, data)
     torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=0)
@@ -56,7 +62,7 @@ def test_train_step_changes_weights_and_reports_global_metrics(worker):
     data = make_batch(seed=2)
     before = _parameters(worker)
 
-    metrics = worker.train(data, token_nll_loss)
+    metrics = worker.train(data, token_nll_loss, TRAIN_MBS)
 
     mask = data["token_mask"] * data["sample_mask"][:, None]
     assert metrics["num_valid_seqs"] == 6.0
@@ -73,7 +79,7 @@ def test_eval_mode_changes_no_parameter(worker):
     data = make_batch(seed=3)
     before = _parameters(worker)
 
-    metrics = worker.train(data, sequence_margin_loss, eval_mode=True)
+    metrics = worker.evaluate(data, sequence_margin_loss, LOGPROB_MBS)
 
     assert set(metrics) >= {"loss", "accuracy", "num_valid_seqs"}
     assert "grad_norm" not in metrics
@@ -86,10 +92,10 @@ def test_reference_stays_initial_and_mixes_in_the_policy(tiny, worker):
     data = make_batch(seed=4)
     initial = naive_logprobs(tiny[1], data)
     for _ in range(3):
-        worker.train(data, token_nll_loss)
+        worker.train(data, token_nll_loss, TRAIN_MBS)
     assert worker.reference is not None and not worker.reference.synced
     torch.testing.assert_close(
-        worker.get_reference_policy_logprobs(data)["reference_logprobs"],
+        worker.reference_logprobs(data, LOGPROB_MBS, response_only=True)["reference_logprobs"],
         initial * data["token_mask"],
         atol=1e-5,
         rtol=0,
@@ -97,10 +103,10 @@ def test_reference_stays_initial_and_mixes_in_the_policy(tiny, worker):
 
     worker.update_reference_model(mixup_alpha=1.0)
 
-    policy = worker.get_logprobs(data)["logprobs"]
+    policy = worker.logprobs(data, LOGPROB_MBS, response_only=False)["logprobs"]
     assert not torch.allclose(policy, initial, atol=1e-3)
     torch.testing.assert_close(
-        worker.get_reference_policy_logprobs(data)["reference_logprobs"],
+        worker.reference_logprobs(data, LOGPROB_MBS, response_only=True)["reference_logprobs"],
         policy * data["token_mask"],
         atol=1e-6,
         rtol=0,
@@ -109,31 +115,37 @@ def test_reference_stays_initial_and_mixes_in_the_policy(tiny, worker):
 
 def test_synced_reference_survives_save_and_resume(tiny, worker, tmp_path):
     data = make_batch(seed=5)
-    worker.train(data, token_nll_loss)
+    worker.train(data, token_nll_loss, TRAIN_MBS)
     worker.update_reference_model(mixup_alpha=0.5)
-    worker.train(data, token_nll_loss)
-    policy = worker.get_logprobs(data)["logprobs"]
-    reference = worker.get_reference_policy_logprobs(data)["reference_logprobs"]
+    worker.train(data, token_nll_loss, TRAIN_MBS)
+    policy = worker.logprobs(data, LOGPROB_MBS, response_only=False)["logprobs"]
+    reference = worker.reference_logprobs(data, LOGPROB_MBS, response_only=True)[
+        "reference_logprobs"
+    ]
     worker.save_checkpoint(str(tmp_path / "weights"), str(tmp_path / "optimizer"))
 
-    resumed = FSDP2PolicyWorker(
-        config=make_config(tiny[0]),
-        tokenizer=make_tokenizer(),
+    resumed = new_worker(
+        make_config(tiny[0]),
         weights_path=str(tmp_path / "weights"),
         optimizer_path=str(tmp_path / "optimizer"),
     )
 
     assert resumed.reference.synced
-    torch.testing.assert_close(resumed.get_logprobs(data)["logprobs"], policy, atol=1e-6, rtol=0)
     torch.testing.assert_close(
-        resumed.get_reference_policy_logprobs(data)["reference_logprobs"],
+        resumed.logprobs(data, LOGPROB_MBS, response_only=False)["logprobs"],
+        policy,
+        atol=1e-6,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        resumed.reference_logprobs(data, LOGPROB_MBS, response_only=True)["reference_logprobs"],
         reference,
         atol=1e-6,
         rtol=0,
     )
     # The optimizer resumed too: one more step is the same step in both workers.
-    worker.train(data, token_nll_loss)
-    resumed.train(data, token_nll_loss)
+    worker.train(data, token_nll_loss, TRAIN_MBS)
+    resumed.train(data, token_nll_loss, TRAIN_MBS)
     torch.testing.assert_close(_parameters(resumed), _parameters(worker), atol=1e-6, rtol=0)
 
 
@@ -148,9 +160,8 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tiny, worker, tmp_path,
     worker.shutdown()  # the resumed worker below joins a fresh process group
 
     with pytest.raises(CheckpointError, match=f"^{tmp_path / planted}: .*posix.system"):
-        FSDP2PolicyWorker(
-            config=make_config(tiny[0]),
-            tokenizer=make_tokenizer(),
+        new_worker(
+            make_config(tiny[0]),
             weights_path=str(tmp_path / "weights"),
             optimizer_path=str(tmp_path / "optimizer"),
         )
@@ -159,8 +170,8 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tiny, worker, tmp_path,
 
 def test_hf_export_loads_with_transformers_and_gives_the_same_logprobs(worker, tmp_path):
     data = make_batch(seed=6)
-    worker.train(data, token_nll_loss)
-    expected = worker.get_logprobs(data)["logprobs"]
+    worker.train(data, token_nll_loss, TRAIN_MBS)
+    expected = worker.logprobs(data, LOGPROB_MBS, response_only=False)["logprobs"]
 
     worker.export_hf(str(tmp_path / "hf"))
 
@@ -177,16 +188,22 @@ def test_hf_export_loads_with_transformers_and_gives_the_same_logprobs(worker, t
 
 def test_tied_embeddings_train_and_export(tmp_path):
     hf_model = save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
-    worker = FSDP2PolicyWorker(config=make_config(tmp_path / "tied"), tokenizer=make_tokenizer())
+    worker = new_worker(make_config(tmp_path / "tied"))
     data = make_batch(seed=7)
     torch.testing.assert_close(
-        worker.get_logprobs(data)["logprobs"], naive_logprobs(hf_model, data), atol=1e-5, rtol=0
+        worker.logprobs(data, LOGPROB_MBS, response_only=False)["logprobs"],
+        naive_logprobs(hf_model, data),
+        atol=1e-5,
+        rtol=0,
     )
-    worker.train(data, token_nll_loss)
+    worker.train(data, token_nll_loss, TRAIN_MBS)
     worker.export_hf(str(tmp_path / "hf"))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(
-        naive_logprobs(exported, data), worker.get_logprobs(data)["logprobs"], atol=1e-5, rtol=0
+        naive_logprobs(exported, data),
+        worker.logprobs(data, LOGPROB_MBS, response_only=False)["logprobs"],
+        atol=1e-5,
+        rtol=0,
     )
     worker.shutdown()
 
@@ -196,11 +213,11 @@ def test_random_init_is_seeded_and_missing_weights_are_an_error(tmp_path):
     (tmp_path / "model" / "model.safetensors").unlink()  # config only
     config = make_config(tmp_path / "model")
     with pytest.raises(ValueError, match="random_init"):
-        FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
+        new_worker(config)
 
     config["random_init"] = True
-    first = _parameters(FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer()))
-    second_worker = FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
+    first = _parameters(new_worker(config))
+    second_worker = new_worker(config)
     for name, value in _parameters(second_worker).items():
         assert torch.equal(value, first[name]), name
     second_worker.shutdown()
@@ -215,11 +232,9 @@ def test_warmup_then_constant_schedule(tiny):
         {"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {"factor": 1.0}},
         {"milestones": [2]},
     ]
-    worker = FSDP2PolicyWorker(
-        config=make_config(tiny[0], scheduler=scheduler), tokenizer=make_tokenizer()
-    )
+    worker = new_worker(make_config(tiny[0], scheduler=scheduler))
     data = make_batch(seed=8)
-    lrs = [worker.train(data, token_nll_loss)["lr"] for _ in range(4)]
+    lrs = [worker.train(data, token_nll_loss, TRAIN_MBS)["lr"] for _ in range(4)]
     assert lrs == pytest.approx([2.5e-3, 6.25e-3, 1e-2, 1e-2])
     worker.shutdown()
 
@@ -260,16 +275,15 @@ def test_config_mistakes_are_value_errors(tiny, overrides, message):
     if ("precision" in overrides or "fsdp" in overrides) and torch.cuda.is_available():
         pytest.skip("valid on a GPU machine")
     with pytest.raises(ValueError, match=message):
-        FSDP2PolicyWorker(config=make_config(tiny[0], **overrides), tokenizer=make_tokenizer())
+        new_worker(make_config(tiny[0], **overrides))
 
 
-def test_batch_sizes_are_the_drivers_to_check(worker):
-    # The driver rejects such sizes in one line (test_config_checks.py); here they are bugs.
+def test_row_micro_batches_never_split_a_pair(worker):
+    # The driver checks the configured sizes in one line (test_config_checks.py); here a size
+    # that would split a pair is a bug.
     data = make_batch(seed=9)
-    with pytest.raises(AssertionError, match="global batch 6 rows"):
-        worker.train(data, token_nll_loss, gbs=6)
-    with pytest.raises(AssertionError, match="micro-batch 3 rows"):
-        worker.train(data, token_nll_loss, mbs=3)
+    with pytest.raises(AssertionError, match="3 rows split a group"):
+        worker.train(data, token_nll_loss, MicroBatches(packed=False, size=3))
 
 
 @pytest.mark.parametrize("packing", [False, True])  # True: the varlen boundaries reach recompute
@@ -282,11 +296,9 @@ def test_activation_checkpointing_gives_the_same_step(tiny, packing):
             "cpu_offload": False,
             "reshard_after_forward": True,
         }
-        config = make_config(tiny[0], fsdp=fsdp)
-        config["sequence_packing"]["enabled"] = packing
-        worker = FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
+        worker = new_worker(make_config(tiny[0], fsdp=fsdp))
         assert worker.model.causal_lm.is_activation_checkpointing == checkpointing
-        worker.train(data, token_nll_loss)
+        worker.train(data, token_nll_loss, PACKED_TRAIN_MBS if packing else TRAIN_MBS)
         results.append(_parameters(worker))
         worker.shutdown()
     torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
@@ -297,19 +309,17 @@ def test_activation_checkpointing_gives_the_same_step(tiny, packing):
 @pytest.mark.parametrize("packing", [False, True])  # True: the flash varlen kernel
 def test_bf16_nccl_worker_on_gpu(tiny, tmp_path, packing):
     path, hf_model = tiny
-    config = make_config(path, precision="bfloat16")
-    config["sequence_packing"]["enabled"] = packing
-    worker = FSDP2PolicyWorker(config=config, tokenizer=make_tokenizer())
+    worker = new_worker(make_config(path, precision="bfloat16"))
+    train_mbs = PACKED_TRAIN_MBS if packing else TRAIN_MBS
+    logprob_mbs = PACKED_LOGPROB_MBS if packing else LOGPROB_MBS
     assert worker.device.type == "cuda"
     data = make_batch(seed=11)
-    logprobs = worker.get_logprobs(data)["logprobs"]
+    logprobs = worker.logprobs(data, logprob_mbs, response_only=False)["logprobs"]
     torch.testing.assert_close(logprobs, naive_logprobs(hf_model, data), atol=0.1, rtol=0)
-    metrics = worker.train(data, token_nll_loss)
+    metrics = worker.train(data, token_nll_loss, train_mbs)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
-    worker.prepare_for_lp_inference()
-    worker.get_reference_policy_logprobs(data)
-    worker.prepare_for_training()
-    worker.train(data, token_nll_loss)
+    worker.reference_logprobs(data, logprob_mbs, response_only=True)
+    worker.train(data, token_nll_loss, train_mbs)
     worker.export_hf(str(tmp_path / "hf"))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
     assert exported.dtype == torch.bfloat16
@@ -332,10 +342,12 @@ def test_dpo_loss_starts_at_log2_and_falls(worker):
         }
     )
     data = make_batch(seed=12)
-    reference = worker.get_reference_policy_logprobs(data)["reference_logprobs"]
+    reference = worker.reference_logprobs(data, LOGPROB_MBS, response_only=True)[
+        "reference_logprobs"
+    ]
     data["reference_policy_logprobs"] = reference
 
-    losses = [worker.train(data, loss_fn)["loss"] for _ in range(4)]
+    losses = [worker.train(data, loss_fn, TRAIN_MBS)["loss"] for _ in range(4)]
 
     # The policy starts as the reference: every margin is 0 and the loss -log sigmoid(0).
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
@@ -356,7 +368,7 @@ def test_worker_module_does_not_import_ray():
     import ast
     import inspect
 
-    import rl_toolkit.models.policy.fsdp2_worker as worker_module
+    import rl_toolkit.models.policy.worker as worker_module
 
     tree = ast.parse(inspect.getsource(worker_module))
     imported = {

@@ -2,10 +2,13 @@
 
 import torch
 
+from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
 from tests.unit.policy_testing import make_batch
+
+MBS = MicroBatches(packed=True, size=64)
 
 
 def _batch(seed: int, pair_ids: list[int]) -> BatchedDataDict:
@@ -28,7 +31,7 @@ class _FakeReference:
 
 
 def test_pairs_seen_before_come_from_the_cache():
-    cache, reference = ReferenceLogprobCache(), _FakeReference()
+    cache, reference = ReferenceLogprobCache(max_bytes=2**20), _FakeReference()
     data = _batch(seed=1, pair_ids=[3, 5, 7, -1])
 
     first = cache.get_or_compute(data, reference)
@@ -43,7 +46,7 @@ def test_pairs_seen_before_come_from_the_cache():
 
 
 def test_a_new_pair_or_other_tokens_under_the_same_id_are_computed():
-    cache, reference = ReferenceLogprobCache(), _FakeReference()
+    cache, reference = ReferenceLogprobCache(max_bytes=2**20), _FakeReference()
     cache.get_or_compute(_batch(seed=2, pair_ids=[0, 1]), reference)
     reference.rows_computed = 0
 
@@ -62,8 +65,9 @@ class _FakeWorkerGroup:
     def __init__(self, reference: _FakeReference) -> None:
         self.reference = reference
 
-    def run_all_workers_sharded_data(self, method: str, data: BatchedDataDict) -> list:
-        assert method == "get_reference_policy_logprobs"
+    def run_all_workers_sharded_data(self, method: str, data: BatchedDataDict, **kwargs) -> list:
+        assert method == "reference_logprobs"
+        assert kwargs["common_kwargs"] == {"micro_batches": MBS, "response_only": True}
         return [self.reference(data)]
 
     def run_all_workers_single_data(self, method: str, **kwargs) -> None:
@@ -74,17 +78,33 @@ class _FakeWorkerGroup:
 def test_policy_uses_the_cache_and_clears_it_when_the_reference_is_synced():
     reference = _FakeReference()
     policy = Policy.__new__(Policy)  # no Ray: only the facade's reference path is exercised
-    policy.worker_group = _FakeWorkerGroup(reference)
-    policy.reference_cache = ReferenceLogprobCache()
+    policy.workers = _FakeWorkerGroup(reference)
+    policy.reference_cache = ReferenceLogprobCache(max_bytes=2**20)
     data = _batch(seed=4, pair_ids=[0, 1, 2])
 
-    before = policy.get_reference_policy_logprobs(data)["reference_logprobs"]
-    policy.get_reference_policy_logprobs(data)
+    before = policy.reference_logprobs(data, MBS)["reference_logprobs"]
+    policy.reference_logprobs(data, MBS)
     assert reference.rows_computed == 6
 
     policy.update_reference_model(mixup_alpha=1.0)
-    after = policy.get_reference_policy_logprobs(data)["reference_logprobs"]
+    after = policy.reference_logprobs(data, MBS)["reference_logprobs"]
 
     assert reference.rows_computed == 12
     torch.testing.assert_close(after, 2.0 * before)
     assert after.abs().sum() > 0
+
+
+def test_a_full_cache_stores_no_more_and_still_answers():
+    # Each row stores its response tokens (4 bytes each); room for about one pair.
+    data = _batch(seed=5, pair_ids=[0, 1, 2])
+    per_pair = int(data["token_mask"][:2].sum()) * 4
+    cache, reference = ReferenceLogprobCache(max_bytes=per_pair), _FakeReference()
+
+    first = cache.get_or_compute(data, reference)
+    assert len(cache) == 2 and cache.num_bytes == per_pair  # the first pair only
+    again = cache.get_or_compute(data, reference)
+
+    torch.testing.assert_close(again, first)
+    assert reference.rows_computed == 6 + 4  # pairs 1 and 2 are computed again
+    cache.clear()
+    assert len(cache) == 0 and cache.num_bytes == 0

@@ -1,18 +1,19 @@
-"""Policy: the driver-side facade over a group of FSDP2 policy workers.
+"""Policy: the driver side of a group of FSDP2 policy workers.
 
-The recipe talks to a ``Policy``; the ``Policy`` shards each batch over its workers (pairs kept
-whole), calls the same method on all of them and gathers the results in row order. All Ray use
-is in ``RayWorkerGroup``; the workers are ``FSDP2PolicyWorker`` instances, one per bundle.
+It holds only what needs the driver: the global batch size check, sharding a batch over the
+workers (groups kept whole) and gathering the results in row order, and the reference
+log-prob cache. Every other call goes to the workers directly, by method:
+``policy.workers.all(PolicyWorker.save_checkpoint, weights_path=...)``.
 """
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from rl_toolkit.config_schema import PolicyConfig
+from rl_toolkit.config_schema import MicroBatches, PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.distributed.worker_groups import RayWorkerGroup
-from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker, LossFn
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
+from rl_toolkit.models.policy.worker import LossFn, PolicyWorker
 
 
 class Policy:
@@ -24,8 +25,13 @@ class Policy:
         tokenizer: the tokenizer (saved with checkpoints and HF exports).
         init_optimizer: build optimizer and scheduler (False for inference only).
         init_reference_model: keep the initial weights as the reference policy.
+        reference_cache: reuse each pair's reference log-probs from here (the algorithm
+            decides; None computes them every time).
         weights_path: resume the weights (and a synced reference) from this checkpoint.
         optimizer_path: resume optimizer and scheduler state from this checkpoint.
+
+    Attributes:
+        workers: the worker group, for calls that need no driver logic.
     """
 
     def __init__(
@@ -33,12 +39,15 @@ class Policy:
         cluster: RayVirtualCluster,
         config: PolicyConfig,
         tokenizer: PreTrainedTokenizerBase,
-        init_optimizer: bool = True,
-        init_reference_model: bool = True,
+        *,
+        init_optimizer: bool,
+        init_reference_model: bool,
+        reference_cache: ReferenceLogprobCache | None = None,
         weights_path: str | None = None,
         optimizer_path: str | None = None,
     ) -> None:
-        self.cfg = config
+        self.global_batch_size = config["train_global_batch_size"]
+        self.reference_cache = reference_cache
         worker_kwargs = {
             "config": config,
             "tokenizer": tokenizer,
@@ -47,113 +56,80 @@ class Policy:
             "weights_path": weights_path,
             "optimizer_path": optimizer_path,
         }
-        self.worker_group = RayWorkerGroup(
-            cluster, FSDP2PolicyWorker, name_prefix="policy", worker_kwargs=worker_kwargs
+        self.workers = RayWorkerGroup(
+            cluster, PolicyWorker, name_prefix="policy", worker_kwargs=worker_kwargs
         )
-        self.reference_cache = ReferenceLogprobCache()
-
-    def get_logprobs(self, data: BatchedDataDict) -> BatchedDataDict:
-        """Next-token log-probs with the current weights.
-
-        Args:
-            data: ``input_ids [N, T]`` and ``input_lengths [N]``, any N (whole groups).
-
-        Returns:
-            ``{"logprobs": [N, T]}`` float32, rows in the order of ``data``.
-        """
-        shards = self.worker_group.run_all_workers_sharded_data("get_logprobs", data=data)
-        return BatchedDataDict.from_batches(shards)
-
-    def get_reference_policy_logprobs(self, data: BatchedDataDict) -> BatchedDataDict:
-        """Like ``get_logprobs`` with the reference weights: ``{"reference_logprobs": [N, T]}``.
-
-        A preference batch (with ``pair_ids`` and ``token_mask``) is scored on its response
-        tokens only, and each pair's values are computed once and then reused from a cache
-        on the driver until the reference changes (``update_reference_model``).
-        """
-        if "pair_ids" in data and "token_mask" in data:
-            logprobs = self.reference_cache.get_or_compute(data, self._reference_logprobs)
-            return BatchedDataDict({"reference_logprobs": logprobs}, group_size=data.group_size)
-        return self._reference_logprobs(data)
-
-    def _reference_logprobs(self, data: BatchedDataDict) -> BatchedDataDict:
-        shards = self.worker_group.run_all_workers_sharded_data(
-            "get_reference_policy_logprobs", data=data
-        )
-        return BatchedDataDict.from_batches(shards)
 
     def train(
-        self,
-        data: BatchedDataDict,
-        loss_fn: LossFn,
-        eval_mode: bool = False,
-        gbs: int | None = None,
-        mbs: int | None = None,
+        self, data: BatchedDataDict, loss_fn: LossFn, micro_batches: MicroBatches
     ) -> dict[str, float]:
-        """One optimizer step on one global batch (in eval mode: loss and metrics only).
+        """One optimizer step on one global batch; see ``PolicyWorker.train``.
 
-        Args:
-            data: the global batch, ``gbs`` rows (docs/design.md, "The preference batch").
-            loss_fn: see docs/design.md, "The loss function".
-            eval_mode: no gradients, no update.
-            gbs: rows in the global batch; default ``policy.train_global_batch_size``.
-            mbs: rows per micro-batch on a worker; default ``policy.train_micro_batch_size``.
-
-        Returns:
-            Metrics of the whole global batch; see ``FSDP2PolicyWorker.train``.
+        Raises:
+            ValueError: ``data`` is not one global batch (``policy.train_global_batch_size``).
         """
-        gbs = self.cfg["train_global_batch_size"] if gbs is None else gbs
-        if data.size != gbs:
+        if data.size != self.global_batch_size:
             raise ValueError(
                 f"Policy.train: the batch has {data.size} rows but the global batch size is "
-                f"{gbs} rows (sequences, i.e. twice the number of pairs)"
+                f"{self.global_batch_size} rows (sequences, i.e. twice the number of pairs)"
             )
-        results = self.worker_group.run_all_workers_sharded_data(
-            "train",
+        return self._metrics(PolicyWorker.train, data, loss_fn, micro_batches)
+
+    def evaluate(
+        self, data: BatchedDataDict, loss_fn: LossFn, micro_batches: MicroBatches
+    ) -> dict[str, float]:
+        """The loss and metrics of a batch (any size that splits into whole groups evenly)."""
+        return self._metrics(PolicyWorker.evaluate, data, loss_fn, micro_batches)
+
+    def _metrics(
+        self, method, data: BatchedDataDict, loss_fn: LossFn, micro_batches: MicroBatches
+    ) -> dict[str, float]:
+        results = self.workers.run_all_workers_sharded_data(
+            method.__name__,
             data=data,
-            batch_size=gbs,
-            common_kwargs={"loss_fn": loss_fn, "eval_mode": eval_mode, "gbs": gbs, "mbs": mbs},
+            common_kwargs={"loss_fn": loss_fn, "micro_batches": micro_batches},
         )
         # The workers all-reduce their metrics: every worker returns the global-batch values.
         return results[0]
 
+    def logprobs(self, data: BatchedDataDict, micro_batches: MicroBatches) -> BatchedDataDict:
+        """``{"logprobs": [N, T]}`` with the current weights, rows in the order of ``data``."""
+        shards = self.workers.run_all_workers_sharded_data(
+            "logprobs",
+            data=data,
+            common_kwargs={"micro_batches": micro_batches, "response_only": False},
+        )
+        return BatchedDataDict.from_batches(shards)
+
+    def reference_logprobs(
+        self, data: BatchedDataDict, micro_batches: MicroBatches
+    ) -> BatchedDataDict:
+        """``{"reference_logprobs": [N, T]}`` of a batch's response tokens (``token_mask``).
+
+        With a ``reference_cache``, each pair's values are computed once and reused until the
+        reference changes (``update_reference_model``).
+        """
+
+        def compute(batch: BatchedDataDict) -> BatchedDataDict:
+            shards = self.workers.run_all_workers_sharded_data(
+                "reference_logprobs",
+                data=batch,
+                common_kwargs={"micro_batches": micro_batches, "response_only": True},
+            )
+            return BatchedDataDict.from_batches(shards)
+
+        if self.reference_cache is None:
+            return compute(data)
+        logprobs = self.reference_cache.get_or_compute(data, compute)
+        return BatchedDataDict({"reference_logprobs": logprobs}, group_size=data.group_size)
+
     def update_reference_model(self, mixup_alpha: float) -> None:
         """TR-DPO: ``reference <- mixup_alpha * policy + (1 - mixup_alpha) * reference``."""
-        self.worker_group.run_all_workers_single_data(
-            "update_reference_model", mixup_alpha=mixup_alpha
-        )
-        self.reference_cache.clear()  # every cached value belongs to the old reference
-
-    def prepare_for_training(self) -> None:
-        """Bring the optimizer state back to the accelerators."""
-        self.worker_group.run_all_workers_single_data("prepare_for_training")
-
-    def prepare_for_lp_inference(self) -> None:
-        """Move the optimizer state to host memory before large log-prob batches."""
-        self.worker_group.run_all_workers_single_data("prepare_for_lp_inference")
-
-    def save_checkpoint(
-        self,
-        weights_path: str,
-        optimizer_path: str | None = None,
-        tokenizer_path: str | None = None,
-    ) -> None:
-        """Sharded checkpoint, loadable by any number of workers (see the worker's method)."""
-        self.worker_group.run_all_workers_single_data(
-            "save_checkpoint",
-            weights_path=weights_path,
-            optimizer_path=optimizer_path,
-            tokenizer_path=tokenizer_path,
-        )
-
-    def export_hf(self, path: str, *, max_shard_size: int | None = None) -> None:
-        """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads, its weights
-        sharded above ``max_shard_size`` bytes (None: one file)."""
-        self.worker_group.run_all_workers_single_data(
-            "export_hf", path=path, max_shard_size=max_shard_size
-        )
+        self.workers.run_all_workers_single_data("update_reference_model", mixup_alpha=mixup_alpha)
+        if self.reference_cache is not None:
+            self.reference_cache.clear()  # every cached value belongs to the old reference
 
     def shutdown(self) -> None:
         """Leave the process group on every worker, then stop the workers."""
-        self.worker_group.run_all_workers_single_data("shutdown")
-        self.worker_group.shutdown()
+        self.workers.run_all_workers_single_data("shutdown")
+        self.workers.shutdown()

@@ -9,6 +9,8 @@ chunk's logits at a time. Peak extra memory is about ``2 * chunk_size * V * 4`` 
 """
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
 
 
 def _float_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -91,3 +93,67 @@ def selected_token_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])[target_index - 1]  # (n, H)
     targets = input_ids.reshape(-1)[target_index]  # (n,)
     return _ChunkedTokenLogprobs.apply(flat_hidden, lm_head_weight, targets, chunk_size)
+
+
+class LogprobModel(nn.Module):
+    """A causal LM whose forward returns next-token log-probs instead of logits.
+
+    The log-probs are computed inside this module's forward so that the FSDP2 root (this module)
+    has its parameters, ``lm_head`` included, gathered while the chunked projection runs.
+
+    Args:
+        causal_lm: a Hugging Face ``*ForCausalLM`` model.
+        chunk_size: tokens whose full-vocabulary logits exist at once.
+    """
+
+    def __init__(self, causal_lm: PreTrainedModel, chunk_size: int) -> None:
+        super().__init__()
+        if causal_lm.get_output_embeddings().bias is not None:
+            raise ValueError(
+                f"{type(causal_lm).__name__}: an lm_head with a bias is not supported by the "
+                "chunked log-prob computation"
+            )
+        self.causal_lm = causal_lm
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        target_index: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-probs of the tokens at ``target_index``, each given the tokens before it.
+
+        Args:
+            input_ids: ``[b, T]`` padded rows, or one packed row ``[1, L]``.
+            target_index: ``[n]`` flat positions in ``input_ids.view(-1)`` to score.
+            attention_mask: ``[b, T]`` 1 on real tokens (padded rows); None for a packed row.
+            position_ids: ``[1, L]`` restarting at 0 for every sequence (packed row); None for
+                padded rows.
+            cu_seq_lens: ``[k + 1]`` cumulative sequence lengths of a packed row, for
+                variable-length attention (``pack_rows``); None for padded rows.
+
+        Returns:
+            ``[n]`` float32 log-probs.
+        """
+        varlen_kwargs = {}
+        if cu_seq_lens is not None:
+            # Read by the varlen and flash attention functions; the others ignore them.
+            max_length = int(cu_seq_lens.diff().max())
+            varlen_kwargs = {
+                "cu_seq_lens_q": cu_seq_lens,
+                "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max_length,
+                "max_length_k": max_length,
+            }
+        hidden = self.causal_lm.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **varlen_kwargs,
+        ).last_hidden_state  # (b, T, H)
+        weight = self.causal_lm.get_output_embeddings().weight  # (V, H)
+        return selected_token_logprobs(hidden, weight, input_ids, target_index, self.chunk_size)

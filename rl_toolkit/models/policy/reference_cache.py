@@ -7,7 +7,9 @@ validation pair with the same index, or a pair re-tokenised differently, never s
 and only the response positions are stored (the reference scores nothing else). The owner must
 ``clear()`` it whenever the reference changes (TR-DPO sync): ``Policy`` does.
 
-Memory: 4 bytes per response token of every distinct pair seen, on the driver.
+Memory: 4 bytes per response token of every distinct pair seen, on the driver, up to
+``max_bytes``; once full, new pairs are computed every time and not stored (evicting would
+thrash when each epoch walks the data in a new order larger than the cache).
 """
 
 import hashlib
@@ -22,9 +24,16 @@ ComputeFn = Callable[[BatchedDataDict], BatchedDataDict]
 
 
 class ReferenceLogprobCache:
-    """Per-row reference log-probs of preference pairs, reused until ``clear()``."""
+    """Per-row reference log-probs of preference pairs, reused until ``clear()``.
 
-    def __init__(self) -> None:
+    Args:
+        max_bytes: the most memory the stored log-probs may take (> 0).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        assert max_bytes > 0, "a cache of 0 bytes: build none"
+        self.max_bytes = max_bytes
+        self.num_bytes = 0
         self._rows: dict[tuple[int, bytes], torch.Tensor] = {}  # key -> [num response tokens]
 
     def __len__(self) -> int:
@@ -33,6 +42,13 @@ class ReferenceLogprobCache:
     def clear(self) -> None:
         """Forget everything (call when the reference weights change)."""
         self._rows.clear()
+        self.num_bytes = 0
+
+    def _store(self, key: tuple[int, bytes], values: torch.Tensor) -> None:
+        size = values.numel() * values.element_size()
+        if self.num_bytes + size <= self.max_bytes:
+            self._rows[key] = values
+            self.num_bytes += size
 
     def get_or_compute(self, data: BatchedDataDict, compute: ComputeFn) -> torch.Tensor:
         """Reference log-probs of every row, computing only the groups not seen before.
@@ -60,7 +76,7 @@ class ReferenceLogprobCache:
             logprobs[rows] = computed
             for row in rows.tolist():
                 if keys[row] is not None:
-                    self._rows[keys[row]] = logprobs[row][response[row]].clone()
+                    self._store(keys[row], logprobs[row][response[row]].clone())
         for row, key in enumerate(keys):
             if key in self._rows:
                 logprobs[row][response[row]] = self._rows[key]

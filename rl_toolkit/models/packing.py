@@ -1,6 +1,7 @@
 """Micro-batches by token budget, and padding-free packing of a micro-batch into one row.
 
-Two steps, both pure tensor code (no model, no process group):
+Two steps, both pure tensor code (no model, no process group), that ``micro_batch_rows`` picks
+between:
 
 - ``token_budget_groups`` cuts a worker's rows into micro-batches of whole groups (a preference
   pair is a group of 2 rows) whose real tokens fit a budget, so that micro-batches of short
@@ -16,6 +17,26 @@ Two steps, both pure tensor code (no model, no process group):
 """
 
 import torch
+
+from rl_toolkit.config_schema import MicroBatches
+
+
+def micro_batch_rows(
+    input_lengths: torch.Tensor, group_size: int, micro_batches: MicroBatches
+) -> list[torch.Tensor]:
+    """Row indices of each micro-batch of a worker's rows, whole groups in order.
+
+    Packed micro-batches hold up to ``micro_batches.size`` real tokens (``token_budget_groups``);
+    padded ones ``micro_batches.size`` rows (the last may hold fewer).
+    """
+    if micro_batches.packed:
+        return token_budget_groups(input_lengths, group_size, micro_batches.size)
+    num_rows = input_lengths.shape[0]
+    assert micro_batches.size % group_size == 0, f"{micro_batches.size} rows split a group"
+    return [
+        torch.arange(start, min(start + micro_batches.size, num_rows))
+        for start in range(0, num_rows, micro_batches.size)
+    ]
 
 
 def token_budget_groups(

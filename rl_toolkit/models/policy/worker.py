@@ -1,0 +1,393 @@
+"""The policy worker: one process, one shard of the policy, its optimizer and its reference.
+
+A plain class on the FSDP2 runtime (rl_toolkit/models/fsdp/): it runs standalone (world size
+1), under torchrun, or inside a Ray actor (rl_toolkit/distributed/worker_groups.py builds it
+there). It reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from the
+environment; without WORLD_SIZE it is a single process.
+
+Every public method is collective: all workers of a group call it together, each with its own
+shard of the data. Batch sizes count sequences (rows), never pairs; the driver resolves how
+each worker cuts its shard into micro-batches (``MicroBatches``) and passes it in.
+"""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from rl_toolkit.config_schema import MicroBatches, PolicyConfig
+from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
+from rl_toolkit.models.attention import VARLEN_ATTENTION
+from rl_toolkit.models.fsdp import checkpoint
+from rl_toolkit.models.fsdp.build import (
+    PRECISIONS,
+    FSDPOptions,
+    ModelSource,
+    build_sharded_model,
+    without_dropout,
+)
+from rl_toolkit.models.fsdp.init import (
+    all_reduce_sum,
+    build_mesh,
+    init_distributed,
+    max_over_ranks,
+)
+from rl_toolkit.models.fsdp.parallelize import reshard_all
+from rl_toolkit.models.fsdp.step import optimizer_step
+from rl_toolkit.models.optim import build_optimizer, build_scheduler
+from rl_toolkit.models.packing import micro_batch_rows, pack_rows
+from rl_toolkit.models.policy.logprobs import LogprobModel
+from rl_toolkit.models.policy.reference import ReferenceWeights
+from rl_toolkit.utils.config import ConfigError
+
+# loss, metrics = loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks)
+LossFn = Callable[
+    [torch.Tensor, BatchedDataDict, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, dict[str, Any]],
+]
+
+_REFERENCE_DIR = "reference"  # sub-directory of a weights checkpoint holding a synced reference
+
+
+class PolicyWorker:
+    """One policy worker: model shard, optimizer, scheduler and reference weights.
+
+    Args:
+        config: the ``policy`` section of the config.
+        tokenizer: the tokenizer, saved next to checkpoints and HF exports.
+        init_optimizer: build the optimizer and scheduler (False for inference only).
+        init_reference_model: keep a host-memory copy of the initial weights for reference
+            log-probs.
+        weights_path: a checkpoint written by ``save_checkpoint`` to resume the weights from.
+        optimizer_path: a checkpoint written by ``save_checkpoint`` to resume the optimizer and
+            scheduler from.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: PolicyConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        init_optimizer: bool,
+        init_reference_model: bool,
+        weights_path: str | None = None,
+        optimizer_path: str | None = None,
+    ) -> None:
+        self.cfg = config
+        self.tokenizer = tokenizer
+        _check_gpu_options(config)
+        self.device = init_distributed()
+        self.hf_config = AutoConfig.from_pretrained(config["model_name"])
+        self.model, self.hf_model = build_sharded_model(
+            _model_source(config, without_dropout(self.hf_config)),
+            lambda causal_lm: LogprobModel(causal_lm, config["logprob_chunk_size"]),
+            mesh=build_mesh(self.device),
+            device=self.device,
+            options=_fsdp_options(config),
+        )
+        for module in self.model.modules():  # no dropout anywhere (without_dropout: the config)
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        self.reference = ReferenceWeights(self.model) if init_reference_model else None
+        self.optimizer, self.scheduler = None, None
+        if init_optimizer:
+            self.optimizer = build_optimizer(self.model.parameters(), config["optimizer"])
+            self.scheduler = build_scheduler(self.optimizer, config["scheduler"])
+        if weights_path is not None:
+            self._load_weights(weights_path)
+        if optimizer_path is not None:
+            assert self.optimizer is not None, "optimizer_path given with init_optimizer=False"
+            checkpoint.load_optimizer(self.hf_model, self.optimizer, self.scheduler, optimizer_path)
+
+    # ----- log-probs -----
+
+    def logprobs(
+        self, data: BatchedDataDict, micro_batches: MicroBatches, *, response_only: bool
+    ) -> BatchedDataDict:
+        """Next-token log-probs of this worker's shard with the current weights.
+
+        Args:
+            data: ``input_ids [N, T]``, ``input_lengths [N]`` and, with ``response_only``,
+                ``token_mask [N, T]`` (N may differ between workers).
+            micro_batches: how to cut the shard (the driver's ``policy.micro_batch.logprob``).
+            response_only: score only where ``token_mask`` is set (what the losses read).
+
+        Returns:
+            ``{"logprobs": [N, T]}`` float32 on CPU, 0.0 at unscored positions (docs/design.md).
+        """
+        logprobs = self._inference_logprobs(data, micro_batches, response_only)
+        return BatchedDataDict({"logprobs": logprobs}, group_size=data.group_size)
+
+    def reference_logprobs(
+        self, data: BatchedDataDict, micro_batches: MicroBatches, *, response_only: bool
+    ) -> BatchedDataDict:
+        """Like ``logprobs``, with the reference weights: ``{"reference_logprobs": [N, T]}``."""
+        assert self.reference is not None, "built with init_reference_model=False"
+        with self.reference.in_model(self.model):
+            logprobs = self._inference_logprobs(data, micro_batches, response_only)
+        return BatchedDataDict({"reference_logprobs": logprobs}, group_size=data.group_size)
+
+    def _inference_logprobs(
+        self, data: BatchedDataDict, micro_batches: MicroBatches, response_only: bool
+    ) -> torch.Tensor:
+        # FSDP2 forwards are collective, so every worker runs as many micro-batches as the
+        # worker with the most; the extra ones run on a dummy row and are dropped.
+        rows_per_step = micro_batch_rows(
+            data["input_lengths"].cpu(), data.group_size, micro_batches
+        )
+        num_steps = max_over_ranks(len(rows_per_step), self.device)
+        logprobs = torch.zeros(data["input_ids"].shape)  # (N, T)
+        self.model.eval()
+        with torch.no_grad():
+            for step in range(num_steps):
+                if step < len(rows_per_step):
+                    rows = rows_per_step[step]
+                    micro_batch = data.select_indices(rows).to(self.device)
+                    logprobs[rows] = self._forward(micro_batch, micro_batches, response_only).cpu()
+                else:
+                    self._forward(_dummy_micro_batch(self.device), micro_batches, False)
+        reshard_all(self.model)
+        return logprobs
+
+    def _forward(
+        self, micro_batch: BatchedDataDict, micro_batches: MicroBatches, response_only: bool
+    ) -> torch.Tensor:
+        """Log-probs ``[b, T]`` of a micro-batch, packed into one row when ``packed``.
+
+        Only positions ``1 <= t < input_lengths`` are scored, and with ``response_only`` only
+        those where ``token_mask`` is set; every other position is 0.0.
+        """
+        input_ids, input_lengths = micro_batch["input_ids"], micro_batch["input_lengths"]
+        seq_len = input_ids.shape[1]
+        # The driver's data fits every pair to the limit (data.overlong_policy).
+        assert seq_len <= self.cfg["max_total_sequence_length"], f"sequence length {seq_len}"
+        positions = torch.arange(seq_len, device=input_ids.device)
+        scored = (positions[None, :] >= 1) & (positions[None, :] < input_lengths[:, None])
+        if response_only:
+            scored &= micro_batch["token_mask"] > 0  # (b, T)
+        rows, cols = scored.nonzero(as_tuple=True)  # (n,), (n,)
+        if micro_batches.packed:
+            packed_ids, position_ids, cu_seq_lens = pack_rows(input_ids, input_lengths)
+            flat = self.model(
+                packed_ids,
+                cu_seq_lens[rows] + cols,
+                position_ids=position_ids,
+                cu_seq_lens=cu_seq_lens.to(torch.int32),
+            )
+        else:
+            attention_mask = (positions[None, :] < input_lengths[:, None]).long()  # (b, T)
+            flat = self.model(input_ids, rows * seq_len + cols, attention_mask=attention_mask)
+        logprobs = torch.zeros(scored.shape, dtype=flat.dtype, device=flat.device)
+        return logprobs.index_put((rows, cols), flat)  # (b, T), differentiable
+
+    # ----- training and evaluation -----
+
+    def train(
+        self, data: BatchedDataDict, loss_fn: LossFn, micro_batches: MicroBatches
+    ) -> dict[str, float]:
+        """One optimizer step on one global batch, of which ``data`` is this worker's shard.
+
+        Args:
+            data: this worker's rows of the global batch (docs/design.md, "The preference batch").
+            loss_fn: called per micro-batch as
+                ``loss_fn(logprobs, micro_batch, global_valid_seqs, global_valid_toks)``;
+                ``logprobs [b, T]`` are scored on the response tokens (``token_mask``) only and
+                are 0.0 elsewhere, since the losses read nothing else.
+            micro_batches: how to cut the shard (the driver's ``policy.micro_batch.train``).
+
+        Returns:
+            Metrics of the whole global batch, equal on every worker: ``loss`` and the loss
+            function's metrics (summed over micro-batches and workers), ``num_valid_seqs``,
+            ``num_valid_tokens``, ``global_num_tokens`` (non-padding tokens of valid rows),
+            ``grad_norm`` (before clipping) and ``lr``.
+        """
+        assert self.optimizer is not None, "built with init_optimizer=False"
+        results = self._loss_over_micro_batches(data, loss_fn, micro_batches, backward=True)
+        step = optimizer_step(
+            self.model, self.optimizer, self.scheduler, max_grad_norm=self.cfg["max_grad_norm"]
+        )
+        return results | step
+
+    def evaluate(
+        self, data: BatchedDataDict, loss_fn: LossFn, micro_batches: MicroBatches
+    ) -> dict[str, float]:
+        """The loss and metrics of one global batch, without gradients; nothing changes.
+
+        As ``train``, without ``grad_norm`` and ``lr``; ``micro_batches`` is usually the
+        driver's ``policy.micro_batch.logprob``.
+        """
+        results = self._loss_over_micro_batches(data, loss_fn, micro_batches, backward=False)
+        reshard_all(self.model)
+        return results
+
+    def _loss_over_micro_batches(
+        self,
+        data: BatchedDataDict,
+        loss_fn: LossFn,
+        micro_batches: MicroBatches,
+        *,
+        backward: bool,
+    ) -> dict[str, float]:
+        data = data.to(self.device)
+        counts = self._global_counts(data)
+        self.model.train(backward)
+        sums: dict[str, torch.Tensor] = {}
+        rows_per_step = micro_batch_rows(
+            data["input_lengths"].cpu(), data.group_size, micro_batches
+        )
+        num_steps = max_over_ranks(len(rows_per_step), self.device)
+        with torch.set_grad_enabled(backward):
+            for step in range(num_steps):
+                if step >= len(rows_per_step):
+                    self._dummy_step(micro_batches, backward)  # keeps FSDP2's collectives in step
+                    continue
+                micro_batch = data.select_indices(rows_per_step[step])
+                logprobs = self._forward(micro_batch, micro_batches, response_only=True)  # (b, T)
+                loss, metrics = loss_fn(
+                    logprobs, micro_batch, counts["num_valid_seqs"], counts["num_valid_tokens"]
+                )
+                if backward:
+                    loss.backward()
+                for key, value in {"loss": loss, **metrics}.items():
+                    value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+                    sums[key] = sums.get(key, 0.0) + value
+        return all_reduce_sum(sums, self.device) | {k: float(v) for k, v in counts.items()}
+
+    def _dummy_step(self, micro_batches: MicroBatches, backward: bool) -> None:
+        logprobs = self._forward(_dummy_micro_batch(self.device), micro_batches, False)
+        if backward:
+            (logprobs.sum() * 0.0).backward()  # zero gradients, but every reduce-scatter runs
+
+    def _global_counts(self, data: BatchedDataDict) -> dict[str, torch.Tensor]:
+        """Valid sequences, valid response tokens and non-padding tokens of the global batch."""
+        sample_mask = data["sample_mask"].float()  # (n,)
+        local = torch.stack(
+            [
+                sample_mask.sum(),
+                (data["token_mask"].float() * sample_mask[:, None]).sum(),
+                (data["input_lengths"].float() * sample_mask).sum(),
+            ]
+        )
+        dist.all_reduce(local)
+        names = ["num_valid_seqs", "num_valid_tokens", "global_num_tokens"]
+        return dict(zip(names, local.unbind(), strict=True))
+
+    # ----- reference model -----
+
+    def update_reference_model(self, mixup_alpha: float) -> None:
+        """TR-DPO sync: ``reference <- mixup_alpha * policy + (1 - mixup_alpha) * reference``.
+
+        Args:
+            mixup_alpha: weight of the current policy, in ``[0, 1]`` (the config checks it).
+        """
+        assert 0.0 <= mixup_alpha <= 1.0, f"mixup_alpha={mixup_alpha}"
+        assert self.reference is not None, "built with init_reference_model=False"
+        self.reference.mix_in(self.model, mixup_alpha)
+
+    # ----- checkpoints -----
+
+    def save_checkpoint(
+        self,
+        weights_path: str,
+        optimizer_path: str | None = None,
+        tokenizer_path: str | None = None,
+    ) -> None:
+        """Save a sharded checkpoint, loadable by any number of workers.
+
+        Args:
+            weights_path: directory for the policy weights (torch.distributed.checkpoint), plus
+                a ``reference/`` sub-directory once ``update_reference_model`` has moved the
+                reference away from the initial weights.
+            optimizer_path: directory for the optimizer state and the scheduler.
+            tokenizer_path: directory for the tokenizer (``save_pretrained``).
+        """
+        checkpoint.save_model(self.hf_model, weights_path)
+        if self.reference is not None and self.reference.synced:
+            with self.reference.in_model(self.model):
+                checkpoint.save_model(self.hf_model, f"{weights_path}/{_REFERENCE_DIR}")
+        if optimizer_path is not None:
+            assert self.optimizer is not None, "built with init_optimizer=False"
+            checkpoint.save_optimizer(self.hf_model, self.optimizer, self.scheduler, optimizer_path)
+        if tokenizer_path is not None and dist.get_rank() == 0:
+            self.tokenizer.save_pretrained(tokenizer_path)
+        dist.barrier()
+
+    def _load_weights(self, weights_path: str) -> None:
+        checkpoint.load_model(self.hf_model, weights_path)
+        reference_path = f"{weights_path}/{_REFERENCE_DIR}"
+        if self.reference is not None and os.path.isdir(reference_path):
+            self.reference.load(self.model, reference_path)
+
+    def export_hf(self, path: str, *, max_shard_size: int | None = None) -> None:
+        """Write a Hugging Face model directory that ``from_pretrained`` loads.
+
+        The weights are in the compute dtype (``policy.precision``), tied weights stored once.
+
+        Args:
+            path: output directory (rank 0 writes it).
+            max_shard_size: the largest weights file in bytes, above which the weights are
+                sharded; None writes one file.
+        """
+        checkpoint.export_hf(
+            self.hf_model,
+            path,
+            model_name=self.cfg["model_name"],
+            hf_config=self.hf_config,
+            tokenizer=self.tokenizer,
+            dtype=PRECISIONS[self.cfg["precision"]],
+            max_shard_size=max_shard_size,
+        )
+
+    def shutdown(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _model_source(config: PolicyConfig, hf_config: AutoConfig) -> ModelSource:
+    name = config["attn_implementation"]
+    return ModelSource(
+        model_class=AutoModelForCausalLM,
+        model_name=config["model_name"],
+        hf_config=hf_config,
+        attn_implementation=VARLEN_ATTENTION if name == "varlen" else name,
+        random_init=config["random_init"],
+        seed=config["seed"],
+        section="policy",
+    )
+
+
+def _fsdp_options(config: PolicyConfig) -> FSDPOptions:
+    return FSDPOptions(
+        compute_dtype=PRECISIONS[config["precision"]],
+        offload=config["fsdp"]["cpu_offload"],
+        reshard_after_forward=config["fsdp"]["reshard_after_forward"],
+        activation_checkpointing=config["fsdp"]["activation_checkpointing"],
+    )
+
+
+def _check_gpu_options(config: PolicyConfig) -> None:
+    # The driver checks this against the Ray cluster; a worker built by hand checks it here.
+    if torch.cuda.is_available():
+        return
+    if config["precision"] == "bfloat16":
+        raise ConfigError("policy.precision: bfloat16 needs a GPU; use float32 on CPU")
+    if config["fsdp"]["cpu_offload"]:
+        raise ConfigError(
+            "policy.fsdp.cpu_offload: true needs a GPU (without one the weights are in host "
+            "memory already); set it to false"
+        )
+
+
+def _dummy_micro_batch(device: torch.device) -> BatchedDataDict:
+    return BatchedDataDict(
+        {
+            "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+            "input_lengths": torch.full((1,), 2, dtype=torch.long, device=device),
+        }
+    )
