@@ -6,10 +6,12 @@ With no arguments it trains the embedded tiny model on the embedded preference s
 """
 
 import sys
+from collections.abc import Callable
 
 from rl_toolkit.algorithms.dpo import MasterConfig, dpo_train, setup
 from rl_toolkit.data import load_preference_dataset, tokenize_preference_dataset
 from rl_toolkit.distributed.virtual_cluster import init_ray
+from rl_toolkit.distributed.worker_groups import WorkerError
 from rl_toolkit.utils.checkpoint import CheckpointManager
 from rl_toolkit.utils.config import ConfigError, run_cli_with_config
 from rl_toolkit.utils.hf import check_model_path, get_tokenizer
@@ -43,9 +45,26 @@ def main(config: MasterConfig) -> None:
         dpo_train(
             policy, train_dl, val_dl, tokenizer, loss_fn, config, logger, checkpointer, save_state
         )
-    finally:
-        policy.shutdown()
-        cluster.shutdown()
+    except BaseException as error:
+        _shut_down_after_failure(policy.shutdown, cluster.shutdown)
+        if isinstance(error, WorkerError):
+            # Its message names the worker, node, method and cause; the driver's stack adds
+            # nothing to that.
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
+    policy.shutdown()
+    cluster.shutdown()
+
+
+def _shut_down_after_failure(*shutdowns: Callable[[], None]) -> None:
+    """Best effort: an error while cleaning up must not hide the one that stopped training."""
+    for shutdown in shutdowns:
+        try:
+            shutdown()
+        except Exception as error:  # noqa: BLE001 - reported, and the first error goes on
+            first_line = str(error).partition("\n")[0]
+            print(f"warning: {shutdown.__qualname__} failed: {first_line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,8 @@ def setup(
         init_reference_model=not dpo_config["reference_free"],
         weights_path=_policy_paths(resume_path)["weights_path"] if resume_path else None,
         optimizer_path=_policy_paths(resume_path)["optimizer_path"] if resume_path else None,
+        worker_timeout_s=master_config["cluster"]["worker_timeout_s"],
+        worker_env_vars=master_config["cluster"]["worker_env_vars"],
     )
     task_spec = train_dataset.task_spec
     return (

@@ -8,6 +8,7 @@ from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.models.policy.packing import token_budget_groups
+from tests.conftest import WORKER_TIMEOUT_S
 from tests.unit.policy_testing import (
     make_batch,
     make_config,
@@ -40,7 +41,13 @@ def test_two_packed_workers_with_uneven_micro_batches_match_one(tmp_path):
     worker.shutdown()
 
     cluster = RayVirtualCluster([2], use_gpus=False, name="packed-2w")
-    policy = Policy(cluster, _config(tmp_path), make_tokenizer())
+    policy = Policy(
+        cluster,
+        _config(tmp_path),
+        make_tokenizer(),
+        worker_timeout_s=WORKER_TIMEOUT_S,
+        worker_env_vars=[],
+    )
     try:
         logprobs = policy.get_logprobs(data)["logprobs"]
         # One pair for two workers: the second has no rows and runs a dummy forward.

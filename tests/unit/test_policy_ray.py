@@ -13,6 +13,7 @@ from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.policy import PolicyConfig
 from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
 from rl_toolkit.models.policy.lm_policy import Policy
+from tests.conftest import WORKER_TIMEOUT_S
 from tests.unit.policy_testing import (
     make_batch,
     make_config,
@@ -31,7 +32,13 @@ class _PolicyOnCluster:
 
     def __init__(self, num_workers: int, name: str, **policy_kwargs) -> None:
         self.cluster = RayVirtualCluster([num_workers], use_gpus=False, name=name)
-        self.policy = Policy(self.cluster, tokenizer=make_tokenizer(), **policy_kwargs)
+        self.policy = Policy(
+            self.cluster,
+            tokenizer=make_tokenizer(),
+            worker_timeout_s=WORKER_TIMEOUT_S,
+            worker_env_vars=[],
+            **policy_kwargs,
+        )
 
     def close(self) -> None:
         self.policy.shutdown()

@@ -26,6 +26,10 @@ class Policy:
         init_reference_model: keep the initial weights as the reference policy.
         weights_path: resume the weights (and a synced reference) from this checkpoint.
         optimizer_path: resume optimizer and scheduler state from this checkpoint.
+        worker_timeout_s: how long to wait for any call on the workers; None: forever
+            (``cluster.worker_timeout_s``).
+        worker_env_vars: driver environment variables the workers get besides the built-in
+            allow-list (``cluster.worker_env_vars``).
     """
 
     def __init__(
@@ -37,6 +41,9 @@ class Policy:
         init_reference_model: bool = True,
         weights_path: str | None = None,
         optimizer_path: str | None = None,
+        *,
+        worker_timeout_s: float | None,
+        worker_env_vars: list[str],
     ) -> None:
         self.cfg = config
         worker_kwargs = {
@@ -48,7 +55,12 @@ class Policy:
             "optimizer_path": optimizer_path,
         }
         self.worker_group = RayWorkerGroup(
-            cluster, FSDP2PolicyWorker, name_prefix="policy", worker_kwargs=worker_kwargs
+            cluster,
+            FSDP2PolicyWorker,
+            name_prefix="policy",
+            worker_kwargs=worker_kwargs,
+            timeout_s=worker_timeout_s,
+            env_vars=worker_env_vars,
         )
         self.reference_cache = ReferenceLogprobCache()
 
@@ -151,6 +163,13 @@ class Policy:
         self.worker_group.run_all_workers_single_data("export_hf", path=path)
 
     def shutdown(self) -> None:
-        """Leave the process group on every worker, then stop the workers."""
-        self.worker_group.run_all_workers_single_data("shutdown")
-        self.worker_group.shutdown()
+        """Leave the process group on every worker, then stop the workers.
+
+        After a failed, timed-out or interrupted call only the workers are stopped: a survivor
+        may be stuck in a collective with a dead peer and would never answer.
+        """
+        try:
+            if not self.worker_group.broken:
+                self.worker_group.run_all_workers_single_data("shutdown")
+        finally:
+            self.worker_group.shutdown()
