@@ -152,7 +152,8 @@ class RayWorkerGroup:
     CPU workers run with `OMP_NUM_THREADS=1` and `torch.set_num_threads(1)`: one CPU per actor.
     GPU workers see only their GPU (Ray sets CUDA_VISIBLE_DEVICES), i.e. device `cuda:0`.
     Construction returns once every worker's `__init__` has finished; if one fails, all are
-    killed and WorkerError is raised.
+    killed and WorkerError is raised. `worker_pids` holds each worker's process id (named in
+    error messages, for `py-spy dump --pid` on its node).
     """
 
     def __init__(
@@ -165,8 +166,6 @@ class RayWorkerGroup:
         timeout_s: float | None,
         env_vars: list[str],
     ) -> None:
-        if timeout_s is not None and timeout_s <= 0:
-            raise ValueError(f"RayWorkerGroup {name_prefix!r}: timeout_s must be > 0 or None")
         self.worker_cls = worker_cls
         self.timeout_s = timeout_s
         # Set when a call failed, timed out or was abandoned: the workers may be dead or stuck
