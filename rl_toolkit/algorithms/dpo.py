@@ -25,7 +25,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from rl_toolkit.algorithms.loss_functions import DPOLossConfig, DPOLossFn
 from rl_toolkit.data import DataConfig, TaskDataSpec, build_dataloader, pad_batch_to
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.distributed.virtual_cluster import ClusterConfig, RayVirtualCluster
+from rl_toolkit.distributed.virtual_cluster import (
+    ClusterConfig,
+    RayVirtualCluster,
+    check_worker_env_vars,
+)
 from rl_toolkit.models.policy import PolicyConfig
 from rl_toolkit.models.policy.attention import check_attn_implementation
 from rl_toolkit.models.policy.lm_policy import Policy
@@ -115,13 +119,15 @@ def setup(
     """Build everything `dpo_train` needs, resuming from the last checkpoint when asked.
 
     Everything that can fail on a user mistake (the loss parameters, batch sizes, attention, the
-    checkpoint to resume from) is checked before the cluster and the workers start.
+    workers' environment variables, the checkpoint to resume from) is checked before the cluster
+    and the workers start.
     """
     policy_config, dpo_config = master_config["policy"], master_config["dpo"]
     set_seed(dpo_config["seed"])
     loss_fn = DPOLossFn(dpo_config)
     _check_batch_sizes(master_config)
     check_attn_implementation(policy_config["attn_implementation"])
+    check_worker_env_vars(master_config["cluster"]["worker_env_vars"])
 
     checkpointer = CheckpointManager(master_config["checkpointing"])
     configured_dir = Path(master_config["checkpointing"]["checkpoint_dir"])

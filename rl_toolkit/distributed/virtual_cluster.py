@@ -83,18 +83,24 @@ def worker_env(extra_names: Sequence[str]) -> WorkerEnv:
         ValueError: a name in `extra_names` is one that is set for each worker (RANK,
             CUDA_VISIBLE_DEVICES, ...).
     """
-    for name in extra_names:
-        if name in _PER_WORKER_ENV_VARS:
-            raise ValueError(
-                f"cluster.worker_env_vars: {name!r} is set for each worker by Ray or the worker "
-                "group; it cannot be passed from the driver"
-            )
+    check_worker_env_vars(extra_names)
     plain, credentials = {}, {}
     for name, value in os.environ.items():
         if name in extra_names or _is_worker_var(name):
             target = credentials if _CREDENTIAL_NAME.search(name) else plain
             target[name] = value
     return WorkerEnv(plain, credentials)
+
+
+def check_worker_env_vars(names: Sequence[str]) -> None:
+    """Raise ValueError if `names` (`cluster.worker_env_vars`) holds a variable that is set for
+    each worker (RANK, CUDA_VISIBLE_DEVICES, ...): the driver's value would be wrong there."""
+    for name in names:
+        if name in _PER_WORKER_ENV_VARS:
+            raise ValueError(
+                f"cluster.worker_env_vars: {name!r} is set for each worker by Ray or the worker "
+                "group; it cannot be passed from the driver"
+            )
 
 
 def _is_worker_var(name: str) -> bool:

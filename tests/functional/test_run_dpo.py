@@ -250,6 +250,7 @@ def test_resume_never_starts_a_fresh_folder(ray_head, straight_run, tmp_path) ->
         ("policy.model_name=assets/no_such_model", "assets/no_such_model"),
         ("dpo.reference_policy_kl_penalty=-1", "dpo.reference_policy_kl_penalty"),
         ("policy.attn_implementation=flashy", "policy.attn_implementation='flashy'"),
+        ("cluster.worker_env_vars=[RANK]", "cluster.worker_env_vars: 'RANK' is set for each"),
     ],
 )
 def test_bad_input_fails_before_any_worker_starts(ray_head, tmp_path, override, message) -> None:
