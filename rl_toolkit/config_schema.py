@@ -242,10 +242,17 @@ class ClusterConfig(TypedDict):
     gpus_per_node: workers (bundles) per node: GPUs per node, or CPU workers per node in CPU
         mode.
     num_nodes: number of nodes.
+    worker_env_vars: environment variables of the driver that workers get on top of the
+        built-in allow-list (see distributed.virtual_cluster.worker_env).
+    worker_timeout_s: how long the driver waits for any one call on the workers (building
+        them, a training step, a checkpoint save) before it fails naming the workers that did
+        not answer; None waits forever.
     """
 
     gpus_per_node: PositiveInt
     num_nodes: PositiveInt
+    worker_env_vars: list[str]
+    worker_timeout_s: PositiveFloat | None
 
 
 class CheckpointingConfig(TypedDict):

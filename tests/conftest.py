@@ -16,6 +16,10 @@ from rl_toolkit.distributed.virtual_cluster import init_ray
 # wait on each other, and a two-worker group plus a few helper tasks must fit at once.
 NUM_TEST_CPUS = 4
 
+# The worker timeout of the tests' worker groups: far above any call on the loaded CI machine,
+# so that it only turns a hung worker into a failed test instead of a stuck suite.
+WORKER_TIMEOUT_S = 600.0
+
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:

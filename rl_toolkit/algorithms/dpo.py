@@ -33,7 +33,11 @@ from rl_toolkit.config_schema import (
 )
 from rl_toolkit.data import TaskDataSpec, build_dataloader, pad_batch_to
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, check_cluster_fits
+from rl_toolkit.distributed.virtual_cluster import (
+    RayVirtualCluster,
+    check_cluster_fits,
+    check_worker_env_vars,
+)
 from rl_toolkit.models.attention import check_attn_implementation
 from rl_toolkit.models.optim import check_optimizer_config
 from rl_toolkit.models.policy.lm_policy import Policy
@@ -138,6 +142,8 @@ def setup(
         reference_cache=_reference_cache(dpo_config),
         weights_path=_policy_paths(resume_path)["weights_path"] if resume_path else None,
         optimizer_path=_policy_paths(resume_path)["optimizer_path"] if resume_path else None,
+        worker_timeout_s=master_config["cluster"]["worker_timeout_s"],
+        worker_env_vars=master_config["cluster"]["worker_env_vars"],
     )
     task_spec = train_dataset.task_spec
     return (
@@ -203,6 +209,7 @@ def check_config(master_config: MasterConfig) -> None:
     check_attn_implementation(master_config["policy"]["attn_implementation"])
     check_optimizer_config(master_config["policy"])
     check_hf_export_config(master_config["checkpointing"])
+    check_worker_env_vars(master_config["cluster"]["worker_env_vars"])
 
 
 def set_seed(seed: int) -> None:

@@ -6,8 +6,13 @@ each) can share a bundle. The worker group (`worker_groups.py`) starts one actor
 uses `get_bundles()` to learn which node each bundle landed on.
 """
 
+import contextlib
 import logging
 import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import ray
@@ -16,44 +21,127 @@ from ray._private.services import find_bootstrap_address
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 
 from rl_toolkit.config_schema import ClusterConfig, PolicyConfig, num_workers
+from rl_toolkit.distributed import ray_watchdog
 from rl_toolkit.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Per-process and per-node variables of the driver that would be wrong in a worker: the worker
-# group sets RANK & co. itself, Ray sets the device lists, and SLURM_* / RAY_* describe the
-# driver's own task and node.
-_DRIVER_ONLY_ENV_VARS = {
-    "CUDA_VISIBLE_DEVICES",
-    "HIP_VISIBLE_DEVICES",
-    "ROCR_VISIBLE_DEVICES",
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "OMP_NUM_THREADS",
-    "HOSTNAME",
-    "PWD",
-    "OLDPWD",
-    "SHLVL",
-    "_",
-}
-_DRIVER_ONLY_ENV_PREFIXES = ("SLURM", "RAY_")
+# What workers get of the driver's environment: these names and prefixes, plus the names a
+# caller asks for (cluster.worker_env_vars). The rest stays in the driver: its environment
+# holds credentials that workers do not need (WANDB_API_KEY, cloud keys), and Ray writes the
+# variables it passes to workers into its logs and into every worker process.
+_WORKER_ENV_NAMES = frozenset(
+    {
+        # the process basics
+        "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+        "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "XDG_CACHE_HOME", "CC", "CXX",
+        # hub downloads: certificate bundles, proxies, Hugging Face caches and switches
+        "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+        "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+        "http_proxy", "https_proxy", "all_proxy", "no_proxy",
+        "HF_HOME", "HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TOKENIZERS_PARALLELISM",
+    }
+)  # fmt: skip
+_WORKER_ENV_PREFIXES = (
+    "LC_", "PYTHON", "HF_HUB_", "HF_DATASETS_", "TRANSFORMERS_",
+    # torch, compilers and the collective libraries' tuning
+    "TORCH_", "TORCHINDUCTOR_", "TORCHDYNAMO_", "PYTORCH_", "TRITON_",
+    "CUDA_", "CUDNN_", "CUBLAS", "NCCL_", "GLOO_", "TP_SOCKET_", "UCX_", "FI_",
+)  # fmt: skip
+# Set for each worker by the worker group (RANK & co., OMP_NUM_THREADS) or by Ray (the device
+# lists): the driver's values would be wrong there.
+_PER_WORKER_ENV_VARS = frozenset(
+    {
+        "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
+        "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+    }
+)  # fmt: skip
+# Names of credentials (HF_TOKEN, AWS_SECRET_ACCESS_KEY, a proxy URL with a password): a worker
+# gets these in the call that builds it, never through Ray's runtime_env, which Ray logs.
+_CREDENTIAL_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|KEY|AUTH|PROXY", re.IGNORECASE)
+
+
+class WorkerEnv(NamedTuple):
+    """The driver's environment variables that workers get, split by how they travel."""
+
+    plain: dict[str, str]  # set when the worker process starts (Ray's runtime_env: logged)
+    credentials: dict[str, str]  # put into os.environ before the worker is built (not logged)
+
+
+def worker_env(extra_names: Sequence[str]) -> WorkerEnv:
+    """What workers get of the driver's environment (`os.environ`).
+
+    Args:
+        extra_names: variables to pass on top of the built-in allow-list
+            (`cluster.worker_env_vars`); names the driver does not have are skipped.
+
+    Returns:
+        The allow-listed and the named variables the driver has; those whose name marks a
+        credential (TOKEN, KEY, SECRET, PASSWORD, ..., proxies) in `credentials`.
+
+    Raises:
+        ValueError: a name in `extra_names` is one that is set for each worker (RANK,
+            CUDA_VISIBLE_DEVICES, ...).
+    """
+    check_worker_env_vars(extra_names)
+    plain, credentials = {}, {}
+    for name, value in os.environ.items():
+        if name in extra_names or _is_worker_var(name):
+            target = credentials if _CREDENTIAL_NAME.search(name) else plain
+            target[name] = value
+    return WorkerEnv(plain, credentials)
+
+
+def check_worker_env_vars(names: Sequence[str]) -> None:
+    """Raise ConfigError if `names` (`cluster.worker_env_vars`) holds a variable that is set for
+    each worker (RANK, CUDA_VISIBLE_DEVICES, ...): the driver's value would be wrong there."""
+    for name in names:
+        if name in _PER_WORKER_ENV_VARS:
+            raise ConfigError(
+                f"cluster.worker_env_vars: {name!r} is set for each worker by Ray or the worker "
+                "group; it cannot be passed from the driver"
+            )
+
+
+def _is_worker_var(name: str) -> bool:
+    return name not in _PER_WORKER_ENV_VARS and (
+        name in _WORKER_ENV_NAMES or name.startswith(_WORKER_ENV_PREFIXES)
+    )
+
+
+def _local_ray_env() -> dict[str, str]:
+    """The environment of the processes a local Ray start spawns (GCS, raylet and, through the
+    raylet, every worker): what workers get plus Ray's own settings (RAY_*) and the device lists
+    (CUDA_VISIBLE_DEVICES, ...) that tell Ray which accelerators it may use."""
+    ray_vars = {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith("RAY_") or "_VISIBLE_" in name
+    }
+    return {**worker_env(()).plain, **ray_vars}
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Run the block with `os.environ` replaced by `values`: Ray starts its processes with a
+    copy of it. Restored afterwards (the driver keeps its credentials, e.g. for wandb)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# The watchdogs of the local Ray instances this process started: referenced until it exits,
+# since closing a watchdog's stdin tells it to kill (see ray_watchdog).
+_watchdogs: list[subprocess.Popen] = []
 
 _PER_NODE_STRATEGY = "STRICT_PACK"
 _ONE_GROUP_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
-
-
-def _worker_env_vars() -> dict[str, str]:
-    """The driver's environment minus what only makes sense in the driver's own process."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if key not in _DRIVER_ONLY_ENV_VARS and not key.startswith(_DRIVER_ONLY_ENV_PREFIXES)
-    }
 
 
 def _disable_uv_run_worker_env() -> None:
@@ -74,9 +162,13 @@ def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None
 
     A running cluster is the one in RAY_ADDRESS, or else the last head started on this machine
     with `ray start --head` (what `ray.init()` finds). Does nothing if this process is already
-    connected to Ray. Workers get the driver's environment
-    variables (minus per-process ones such as RANK or CUDA_VISIBLE_DEVICES) and the driver's
-    Python interpreter; the dashboard is off.
+    connected to Ray. Workers get the driver's Python interpreter and an allow-list of its
+    environment variables (`worker_env`; the worker group adds what the caller names); the
+    dashboard is off.
+
+    A local cluster is started with only what workers need of the driver's environment (its
+    processes, and through the raylet every worker, would inherit all of it) and, on Linux, a
+    watchdog (`ray_watchdog`) that kills all of its processes as soon as the driver dies.
 
     Args:
         log_dir: directory for the session files and logs of a newly started local cluster
@@ -90,7 +182,7 @@ def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None
         logger.info("Ray is already initialized in this process; init_ray reuses it")
         return
     _disable_uv_run_worker_env()
-    runtime_env = {"env_vars": _worker_env_vars()}
+    runtime_env = {"env_vars": worker_env(()).plain}
     address = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
     if address:
         if num_cpus is not None:
@@ -104,13 +196,29 @@ def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(address=None, runtime_env=runtime_env)
         return
     logger.info("No running Ray cluster found; starting a local one")
-    ray.init(
+    _start_local_ray(
         num_cpus=num_cpus,
-        include_dashboard=False,
-        dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
-        _temp_dir=os.path.abspath(log_dir) if log_dir else None,
+        temp_dir=os.path.abspath(log_dir) if log_dir else None,
     )
+
+
+def _start_local_ray(*, num_cpus: int | None, runtime_env: dict, temp_dir: str | None) -> None:
+    env = _local_ray_env()
+    watch = sys.platform.startswith("linux")  # the watchdog reads /proc
+    children_before = ray_watchdog.own_child_pids() if watch else set()
+    with _environ(env):
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            runtime_env=runtime_env,
+            _temp_dir=temp_dir,
+        )
+    if watch:
+        # What ray.init started: the GCS, the raylet and Ray's other helpers.
+        ray_processes = ray_watchdog.own_child_pids() - children_before
+        _watchdogs.append(ray_watchdog.start(ray_processes, env))
 
 
 class BundleInfo(NamedTuple):

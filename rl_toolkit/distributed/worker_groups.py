@@ -5,11 +5,14 @@ built and tested without Ray. Here it is wrapped in a thin actor that builds it 
 process after putting the torch.distributed rendezvous variables (RANK, WORLD_SIZE,
 LOCAL_RANK, NODE_RANK, MASTER_ADDR, MASTER_PORT) into that process's environment, so the
 worker calls `torch.distributed.init_process_group(init_method="env://")` as under torchrun.
+Credentials the worker needs (HF_TOKEN, ...) go into that environment the same way: as an
+argument of the build call, which Ray does not log, unlike a runtime_env.
 """
 
 import os
 import re
 import socket
+import time
 from typing import Any, NamedTuple
 
 import ray
@@ -17,22 +20,53 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.distributed.virtual_cluster import BundleInfo, RayVirtualCluster
+from rl_toolkit.distributed.virtual_cluster import BundleInfo, RayVirtualCluster, worker_env
 
 # After a first failure, how long to wait for other workers' failures (see get_results).
 FAILURE_GRACE_S = 3.0
 
+# A WorkerError shows at most this many lines of its cause (the end of a remote traceback, where
+# the exception is) and names at most this many other failed or silent workers: it must stay
+# readable with hundreds of workers. The full cause is in `WorkerError.cause`.
+MAX_CAUSE_LINES = 12
+MAX_WORKERS_LISTED = 4
+
 # Ray colours the remote traceback for terminals; the error message should be plain text.
 _ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
+# Python's markers under the failing expression of a traceback line: no room for them.
+_MARKER_LINE = re.compile(r"^\s*[~^]+\s*$")
 
 
 class WorkerError(RuntimeError):
-    """A worker raised, or its process died. The message names the worker, its node and the
-    cause (with the remote traceback); the original Ray error is in `cause`."""
+    """A worker raised, its process died, or it did not answer in time. The message names the
+    worker, its node, the method and the cause (the end of the remote traceback); the original
+    Ray error is in `cause`."""
 
     def __init__(self, message: str, cause: BaseException) -> None:
         super().__init__(message)
         self.cause = cause
+
+
+def _cause_lines(error: ray.exceptions.RayError) -> list[str]:
+    """The error's text (for a remote exception its traceback), indented, at most
+    MAX_CAUSE_LINES lines: the end, where the exception is."""
+    text = _ANSI_COLOR.sub("", str(error)).strip()
+    lines = [line for line in text.splitlines() if not _MARKER_LINE.match(line)]
+    if len(lines) > MAX_CAUSE_LINES:
+        num_left_out = len(lines) - MAX_CAUSE_LINES + 1
+        lines = [
+            f"... ({num_left_out} lines left out; WorkerError.cause has them all)",
+            *lines[-(MAX_CAUSE_LINES - 1) :],
+        ]
+    return [f"  {line}" for line in lines]
+
+
+def _listed(items: list[str]) -> list[str]:
+    """`items` indented, one a line, at most MAX_WORKERS_LISTED of them and a count of the rest."""
+    lines = [f"  {item}" for item in items[:MAX_WORKERS_LISTED]]
+    if len(items) > MAX_WORKERS_LISTED:
+        lines.append(f"  ... and {len(items) - MAX_WORKERS_LISTED} more")
+    return lines
 
 
 class WorkerFuture(NamedTuple):
@@ -46,28 +80,30 @@ class WorkerFuture(NamedTuple):
 class _WorkerActor:
     """The actor body: builds the plain worker in the actor's process and forwards calls.
 
-    Built in two steps so that all actors start (and import torch) in parallel: the rank-0
-    actor is asked for a free port before any worker exists.
+    Built in two steps so that all actors start (and import torch) in parallel: the actors are
+    asked for their pid and a free port (rank 0's is the rendezvous port) before any worker
+    exists.
     """
 
     def __init__(self) -> None:
         self.worker = None
 
-    def find_free_port(self) -> int:
+    def pid_and_free_port(self) -> tuple[int, int]:
         # Port 0 lets the OS pick a free port; it is released again for rank 0's rendezvous.
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("", 0))
-            return sock.getsockname()[1]
+            return os.getpid(), sock.getsockname()[1]
 
     def build_worker(
         self,
         worker_cls: type,
         worker_kwargs: dict[str, Any],
-        rendezvous_env: dict[str, str],
+        env: dict[str, str],
         num_threads: int | None,
     ) -> None:
-        # The worker reads RANK & co. from the environment, as under torchrun.
-        os.environ.update(rendezvous_env)
+        # The worker reads RANK & co. from the environment, as under torchrun, and its
+        # credentials (HF_TOKEN) as the libraries it uses expect them.
+        os.environ.update(env)
         if num_threads is not None:
             # OMP_NUM_THREADS is in the actor's runtime env too, for OpenMP users other than
             # torch; torch's own pool is sized here.
@@ -108,11 +144,16 @@ class RayWorkerGroup:
         worker_cls: a plain class; each actor builds `worker_cls(**worker_kwargs)`.
         name_prefix: worker names are `f"{name_prefix}-{rank}"` (used in error messages).
         worker_kwargs: keyword arguments of `worker_cls.__init__`.
+        timeout_s: how long `get_results` waits for a call (building the workers included)
+            before it raises WorkerError naming the workers that did not answer; None: forever.
+        env_vars: driver environment variables the workers get besides the allow-list of
+            `virtual_cluster.worker_env`; credentials among them travel in the build call.
 
     CPU workers run with `OMP_NUM_THREADS=1` and `torch.set_num_threads(1)`: one CPU per actor.
     GPU workers see only their GPU (Ray sets CUDA_VISIBLE_DEVICES), i.e. device `cuda:0`.
     Construction returns once every worker's `__init__` has finished; if one fails, all are
-    killed and WorkerError is raised.
+    killed and WorkerError is raised. `worker_pids` holds each worker's process id (named in
+    error messages, for `py-spy dump --pid` on its node).
     """
 
     def __init__(
@@ -122,52 +163,76 @@ class RayWorkerGroup:
         *,
         name_prefix: str,
         worker_kwargs: dict[str, Any] | None = None,
+        timeout_s: float | None,
+        env_vars: list[str],
     ) -> None:
         self.worker_cls = worker_cls
+        self.timeout_s = timeout_s
+        # Set when a call failed, timed out or was abandoned: the workers may be dead or stuck
+        # (e.g. in a collective with a dead peer), so only `shutdown()` is safe.
+        self.broken = False
         self.bundles = cluster.get_bundles()
         if not self.bundles:
             raise ValueError(f"RayWorkerGroup {name_prefix!r}: the cluster has been shut down")
         self.world_size = len(self.bundles)
         self.worker_names = [f"{name_prefix}-{rank}" for rank in range(self.world_size)]
+        self.worker_pids: list[int | None] = [None] * self.world_size
+        env = worker_env(env_vars)
         num_threads = None if cluster.use_gpus else 1
         self._actors = [
-            _RemoteWorkerActor.options(**self._actor_options(cluster, bundle, num_threads)).remote()
+            _RemoteWorkerActor.options(
+                **self._actor_options(cluster, bundle, env.plain, num_threads)
+            ).remote()
             for bundle in self.bundles
         ]
         try:
-            self._build_workers(worker_kwargs or {}, num_threads)
+            self._build_workers(worker_kwargs or {}, env.credentials, num_threads)
         except WorkerError:
             self.shutdown()  # the others may be blocked in init_process_group
             raise
 
-    def _build_workers(self, worker_kwargs: dict[str, Any], num_threads: int | None) -> None:
-        # The port is asked of the rank-0 actor: it must be free on the rank-0 node.
-        master_port = self.get_results(
-            [WorkerFuture(0, "find_free_port", self._actors[0].find_free_port.remote())]
-        )[0]
-        envs = _rank_env(self.bundles, master_port)
+    def _build_workers(
+        self, worker_kwargs: dict[str, Any], credentials: dict[str, str], num_threads: int | None
+    ) -> None:
+        started = self.get_results(
+            [
+                WorkerFuture(rank, "__init__", actor.pid_and_free_port.remote())
+                for rank, actor in enumerate(self._actors)
+            ]
+        )
+        self.worker_pids = [pid for pid, _ in started]
+        # The rendezvous port is rank 0's: it must be free on the rank-0 node.
+        envs = _rank_env(self.bundles, master_port=started[0][1])
         build_args = (self.worker_cls, worker_kwargs)
         futures = [
-            WorkerFuture(rank, "__init__", actor.build_worker.remote(*build_args, env, num_threads))
+            WorkerFuture(
+                rank,
+                "__init__",
+                actor.build_worker.remote(*build_args, {**credentials, **env}, num_threads),
+            )
             for rank, (actor, env) in enumerate(zip(self._actors, envs, strict=True))
         ]
         self.get_results(futures)
 
     @staticmethod
     def _actor_options(
-        cluster: RayVirtualCluster, bundle: BundleInfo, num_threads: int | None
+        cluster: RayVirtualCluster,
+        bundle: BundleInfo,
+        env_vars: dict[str, str],
+        num_threads: int | None,
     ) -> dict[str, Any]:
-        options = {
+        if num_threads is not None:
+            env_vars = {**env_vars, "OMP_NUM_THREADS": str(num_threads)}
+        return {
             "num_cpus": 1,
             "num_gpus": 1 / cluster.max_colocated_worker_groups if cluster.use_gpus else 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=bundle.placement_group,
                 placement_group_bundle_index=bundle.bundle_index,
             ),
+            # Set when the worker process starts, before torch or transformers read them.
+            "runtime_env": {"env_vars": env_vars},
         }
-        if num_threads is not None:
-            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(num_threads)}}
-        return options
 
     def _check_method(self, method: str) -> None:
         if not callable(getattr(self.worker_cls, method, None)):
@@ -246,19 +311,34 @@ class RayWorkerGroup:
         while other workers are still blocked (e.g. in a collective with the dead one). After
         the first failure it waits FAILURE_GRACE_S more for other failures, because a peer's
         death makes the survivors' collectives fail too, sometimes before Ray reports the
-        death itself: the death is then named as the cause.
+        death itself: the death is then named as the cause. Workers that have not answered
+        after `timeout_s` (stopped, hung, or waiting for one that is) are a failure too.
 
         Raises:
-            WorkerError: a worker raised or died; the others are left as they are (call
-                `shutdown()` to stop them).
+            WorkerError: a worker raised, died or did not answer in time. The group is then
+                `broken` and the others are left as they are (call `shutdown()` to stop them).
         """
+        try:
+            return self._wait(futures)
+        except BaseException:
+            # Failed, timed out or interrupted (Ctrl-C): workers may still be busy with it.
+            self.broken = True
+            raise
+
+    def _wait(self, futures: list[WorkerFuture]) -> list[Any]:
         by_ref = {future.ref: future for future in futures}
         values, failures, pending = {}, [], list(by_ref)
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         while pending:
-            timeout = FAILURE_GRACE_S if failures else None
+            if failures:
+                timeout = FAILURE_GRACE_S
+            else:
+                timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
-            if not ready:
+            if not ready and failures:
                 break  # the grace period after a failure is over
+            if not ready:
+                raise self._timeout_error([by_ref[ref] for ref in pending])
             try:
                 values[ready[0]] = ray.get(ready[0])
             except ray.exceptions.RayError as error:
@@ -267,14 +347,20 @@ class RayWorkerGroup:
             raise self._worker_error(failures) from None
         return [values[future.ref] for future in futures]
 
-    def _describe(self, future: WorkerFuture, error: ray.exceptions.RayError) -> str:
-        bundle = self.bundles[future.rank]
-        what = "died" if isinstance(error, ray.exceptions.RayActorError) else "raised"
+    def _worker(self, rank: int) -> str:
+        bundle, pid = self.bundles[rank], self.worker_pids[rank]
+        pid_part = f", pid {pid}" if pid is not None else ""
         return (
-            f"Worker {self.worker_names[future.rank]} (rank {future.rank} of {self.world_size}) "
-            f"on node {bundle.node_ip} (node id {bundle.node_id}) {what} in "
-            f"{self.worker_cls.__name__}.{future.method}()"
+            f"Worker {self.worker_names[rank]} (rank {rank} of {self.world_size}{pid_part}) "
+            f"on node {bundle.node_ip} (node id {bundle.node_id})"
         )
+
+    def _method(self, future: WorkerFuture) -> str:
+        return f"{self.worker_cls.__name__}.{future.method}()"
+
+    def _describe(self, future: WorkerFuture, error: ray.exceptions.RayError) -> str:
+        what = "died" if isinstance(error, ray.exceptions.RayActorError) else "raised"
+        return f"{self._worker(future.rank)} {what} in {self._method(future)}"
 
     def _worker_error(
         self, failures: list[tuple[WorkerFuture, ray.exceptions.RayError]]
@@ -283,11 +369,20 @@ class RayWorkerGroup:
         # collective with the dead peer); otherwise the first failure in time.
         deaths = [f for f in failures if isinstance(f[1], ray.exceptions.RayActorError)]
         future, error = (deaths or failures)[0]
-        lines = [f"{self._describe(future, error)}: {_ANSI_COLOR.sub('', str(error))}"]
-        others = [f"  {self._describe(*failure)}" for failure in failures if failure[0] != future]
+        lines = [f"{self._describe(future, error)}:", *_cause_lines(error)]
+        others = [self._describe(*failure) for failure in failures if failure[0] != future]
         if others:
-            lines += ["Other workers failed as well (see their logs):", *others]
+            lines += ["Other workers failed as well (see their logs):", *_listed(others)]
         return WorkerError("\n".join(lines), error)
+
+    def _timeout_error(self, silent: list[WorkerFuture]) -> WorkerError:
+        summary = (
+            f"{len(silent)} worker(s) did not answer within {self.timeout_s:g} s (the worker "
+            "timeout, cluster.worker_timeout_s); each is stopped, hung, or waiting for one that is:"
+        )
+        where = [f"{self._worker(future.rank)} in {self._method(future)}" for future in silent]
+        message = "\n".join([summary, *_listed(where)])
+        return WorkerError(message, ray.exceptions.GetTimeoutError(message))
 
     def shutdown(self) -> None:
         """Kill the workers (idempotent); their bundles stay reserved in the cluster."""

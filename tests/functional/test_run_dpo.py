@@ -5,10 +5,13 @@ own workers but not for a Ray start. Every assertion reads what a user would: th
 the console, metrics.jsonl and the checkpoint folders.
 """
 
+import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,8 +23,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from rl_toolkit.distributed.ray_watchdog import process_table
 from rl_toolkit.utils.checkpoint import is_complete_checkpoint, write_manifest
 from rl_toolkit.utils.logger import read_metrics
+from tests.process_testing import cmdline, environ, kill_all, tree, wait_until_gone
 from tests.unit.malicious import RunsCode
 
 pytestmark = pytest.mark.slow
@@ -76,17 +81,20 @@ def ray_head():
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def run_dpo(
-    env: dict, out: Path, *overrides: str, script: str = "examples/run_dpo.py", cwd: Path = REPO
-):
-    args = [
+def dpo_args(out: Path, *overrides: str) -> list[str]:
+    return [
         f"checkpointing.checkpoint_dir={out / 'ckpt'}",
         f"logger.log_dir={out / 'logs'}",
         *TINY,
         *overrides,
     ]
+
+
+def run_dpo(
+    env: dict, out: Path, *overrides: str, script: str = "examples/run_dpo.py", cwd: Path = REPO
+):
     return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
+        [sys.executable, str(REPO / script), *dpo_args(out, *overrides)],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -95,14 +103,75 @@ def run_dpo(
     )
 
 
+def start_dpo(env: dict, out: Path, *overrides: str) -> subprocess.Popen:
+    """Start examples/run_dpo.py for 1000 steps; its stdout and stderr go to files in `out`."""
+    with open(out / "stdout.txt", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "examples/run_dpo.py",
+                *dpo_args(out, "dpo.max_num_steps=1000", *overrides),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+        )
+
+
+def wait_for_first_step(driver: subprocess.Popen, out: Path) -> None:
+    """Wait until the run has logged its first training step: its workers are at work."""
+    metrics, deadline = out / "logs" / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and read_metrics(metrics, "train")):
+        assert driver.poll() is None, (out / "stderr.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no training step after 300 s"
+        time.sleep(0.5)
+
+
+def files_containing(directories: list[Path], values: list[str]) -> dict[str, list[str]]:
+    """For each value, the files under `directories` that contain it."""
+    found = {value: [] for value in values}
+    for directory in directories:
+        for path in directory.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                content = path.read_bytes()
+                for value in values:
+                    if value.encode() in content:
+                        found[value].append(str(path))
+    return {value: paths for value, paths in found.items() if paths}
+
+
+def policy_workers(ray_tmp_dir: str) -> dict[int, int]:
+    """The policy worker processes (pid -> start time) of the Ray head in `ray_tmp_dir`."""
+    table = process_table()
+    raylets = [
+        pid
+        for pid in table
+        if cmdline(pid).split(" ")[0].endswith("/raylet") and ray_tmp_dir in cmdline(pid)
+    ]
+    assert len(raylets) == 1, raylets
+    return {pid: start for pid, start in tree(raylets[0]).items() if "_WorkerActor" in cmdline(pid)}
+
+
 def hf_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "hf" / "model.safetensors")
+
+
+# Credentials in the driver's environment: the embedded run needs none of them, but a real one
+# may (HF_TOKEN for a gated model on the workers, WANDB_API_KEY on the driver).
+FAKE_SECRETS = {
+    "WANDB_API_KEY": "fake-wandb-key-2f9c41",
+    "HF_TOKEN": "hf_fake-token-8d03aa",
+    "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-57e1b0",
+    "RLT_BUCKET_TOKEN": "fake-bucket-token-c6e27d",  # named in cluster.worker_env_vars
+}
+NAMED_CREDENTIAL = "cluster.worker_env_vars=[RLT_BUCKET_TOKEN]"
 
 
 @pytest.fixture(scope="module")
 def straight_run(ray_head, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    result = run_dpo(ray_head, out)
+    result = run_dpo({**ray_head, **FAKE_SECRETS}, out, NAMED_CREDENTIAL)
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result
 
@@ -129,6 +198,13 @@ def test_training_learns_validates_and_checkpoints(straight_run) -> None:
             assert len(list((checkpoint / "policy" / part).glob("*.distcp"))) == 2, part
     model = AutoModelForCausalLM.from_pretrained(out / "ckpt" / "step_8" / "hf")
     assert sum(p.numel() for p in model.parameters()) == 136_640
+
+
+def test_no_credential_in_any_file_of_the_run_or_of_ray(ray_head, straight_run) -> None:
+    out, result = straight_run
+    directories = [out, Path(ray_head["RAY_TMPDIR"])]
+    assert files_containing(directories, list(FAKE_SECRETS.values())) == {}
+    assert not any(secret in result.stdout + result.stderr for secret in FAKE_SECRETS.values())
 
 
 def test_killed_while_saving_resumes_exactly_from_last_complete_checkpoint(
@@ -260,6 +336,7 @@ def test_resume_never_starts_a_fresh_folder(ray_head, straight_run, tmp_path) ->
         # Found once Ray is up (the head has 4 CPUs), before any placement group or worker.
         ("cluster.gpus_per_node=8", "8 workers, one CPU each, but the Ray cluster has 4 CPUs"),
         ("checkpointing.push_to_hub=org/two words", "checkpointing.push_to_hub: 'org/two words'"),
+        ("cluster.worker_env_vars=[RANK]", "cluster.worker_env_vars: 'RANK' is set for each"),
     ],
 )
 def test_bad_input_fails_before_any_worker_starts(ray_head, tmp_path, override, message) -> None:
@@ -272,3 +349,87 @@ def test_bad_input_fails_before_any_worker_starts(ray_head, tmp_path, override, 
     assert message in result.stderr.strip().splitlines()[-1]
     assert "RayVirtualCluster" not in result.stdout + result.stderr  # no cluster, no workers
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_local_ray_keeps_credentials_in_the_driver_and_dies_with_it(tmp_path) -> None:
+    # No RAY_ADDRESS and a private temp dir: the driver starts its own Ray, whose processes
+    # (GCS, raylet, agents, workers) are its descendants and would inherit its environment.
+    ray_dir = tempfile.mkdtemp(prefix="rlt-loc-", dir="/tmp")  # short: Ray's unix sockets
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=ray_dir, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", **FAKE_SECRETS)
+    driver = start_dpo(env, tmp_path, NAMED_CREDENTIAL)
+    session = {}
+    try:
+        wait_for_first_step(driver, tmp_path)
+        session = tree(driver.pid)
+        assert sum("_WorkerActor" in cmdline(pid) for pid in session) == 2
+        environments = [environ(pid) for pid in session]
+        assert any(f"RAY_TMPDIR={ray_dir}" in e for e in environments)  # they can be read
+        for secret in FAKE_SECRETS.values():
+            assert not any(secret in e for e in environments), secret
+
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        left = wait_until_gone(session, timeout_s=20)
+        assert left == {}, [cmdline(pid) for pid in left]
+        directories = [tmp_path, Path(ray_dir)]
+        assert files_containing(directories, list(FAKE_SECRETS.values())) == {}
+    finally:
+        driver.kill()
+        kill_all(session)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def error_report(stderr: str) -> list[str]:
+    """The lines from run_dpo's `error:` line to the end of its stderr."""
+    lines = stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(starts) == 1, stderr[-3000:]
+    return lines[starts[0] :]
+
+
+def test_a_dead_worker_is_what_the_run_reports(ray_head, tmp_path) -> None:
+    driver = start_dpo(ray_head, tmp_path)
+    try:
+        wait_for_first_step(driver, tmp_path)
+        workers = policy_workers(ray_head["RAY_TMPDIR"])
+        assert len(workers) == 2
+        victim = max(workers)
+        os.kill(victim, signal.SIGKILL)
+        assert driver.wait(timeout=120) == 1
+    finally:
+        driver.kill()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    report = error_report(stderr)
+    assert len(report) < 20, report
+    assert re.match(
+        rf"error: Worker policy-[01] \(rank [01] of 2, pid {victim}\) on node \S+ "
+        rf"\(node id \w+\) died in PolicyWorker\.\w+\(\):$",
+        report[0],
+    ), report[0]
+    assert "shutdown()" not in stderr and "Traceback" not in stderr
+    assert wait_until_gone(workers, timeout_s=60) == {}
+
+
+def test_a_stopped_worker_times_out_and_is_named(ray_head, tmp_path) -> None:
+    driver = start_dpo(ray_head, tmp_path, "cluster.worker_timeout_s=60")
+    workers = {}
+    try:
+        wait_for_first_step(driver, tmp_path)
+        workers = policy_workers(ray_head["RAY_TMPDIR"])
+        stopped = max(workers)
+        os.kill(stopped, signal.SIGSTOP)
+        start = time.monotonic()
+        assert driver.wait(timeout=300) == 1
+        assert time.monotonic() - start >= 55  # the timeout, not some other failure
+    finally:
+        driver.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    report = error_report((tmp_path / "stderr.txt").read_text())
+    assert len(report) < 20, report
+    assert report[0].startswith("error: ") and "did not answer within 60 s" in report[0]
+    assert any(f"pid {stopped}) on node" in line for line in report[1:]), report
+    # The stopped worker is killed with the others, not left behind.
+    assert wait_until_gone(workers, timeout_s=60) == {}

@@ -21,6 +21,7 @@ from rl_toolkit.utils.hf_export import (
     save_hf_model,
     tied_parameter_names,
 )
+from tests.conftest import WORKER_TIMEOUT_S
 from tests.unit.policy_testing import (
     LOGPROB_MBS,
     TRAIN_MBS,
@@ -217,6 +218,8 @@ def test_two_workers_export_tied_sharded_weights_that_give_the_policys_logprobs(
         make_tokenizer(),
         init_optimizer=True,
         init_reference_model=True,
+        worker_timeout_s=WORKER_TIMEOUT_S,
+        worker_env_vars=[],
     )
     try:
         data = make_batch(seed=3)

@@ -8,6 +8,7 @@ from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.packing import token_budget_groups
 from rl_toolkit.models.policy.lm_policy import Policy
+from tests.conftest import WORKER_TIMEOUT_S
 from tests.unit.policy_testing import (
     make_batch,
     make_config,
@@ -43,7 +44,13 @@ def test_two_packed_workers_with_uneven_micro_batches_match_one(tmp_path):
 
     cluster = RayVirtualCluster([2], use_gpus=False, name="packed-2w")
     policy = Policy(
-        cluster, _config(tmp_path), make_tokenizer(), init_optimizer=True, init_reference_model=True
+        cluster,
+        _config(tmp_path),
+        make_tokenizer(),
+        init_optimizer=True,
+        init_reference_model=True,
+        worker_timeout_s=WORKER_TIMEOUT_S,
+        worker_env_vars=[],
     )
     try:
         logprobs = policy.logprobs(data, LOGPROB)["logprobs"]

@@ -12,6 +12,7 @@ from rl_toolkit.config_schema import MicroBatches, PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.policy.lm_policy import Policy
+from tests.conftest import WORKER_TIMEOUT_S
 from tests.unit.policy_testing import (
     LOGPROB_MBS,
     TRAIN_MBS,
@@ -38,6 +39,8 @@ class _PolicyOnCluster:
             tokenizer=make_tokenizer(),
             init_optimizer=True,
             init_reference_model=True,
+            worker_timeout_s=WORKER_TIMEOUT_S,
+            worker_env_vars=[],
             **policy_kwargs,
         )
 

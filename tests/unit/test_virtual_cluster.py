@@ -7,6 +7,7 @@ connection, and this one is connected to the session cluster of `ray_session`.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,11 +18,14 @@ from pathlib import Path
 import pytest
 import ray
 
+from rl_toolkit.distributed.ray_watchdog import process_table
 from rl_toolkit.distributed.virtual_cluster import (
     InsufficientResourcesError,
     RayVirtualCluster,
     init_ray,
+    worker_env,
 )
+from tests.process_testing import kill_all, wait_until_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,6 +89,36 @@ def test_busy_cluster_times_out_with_resources_listed() -> None:
         holder.shutdown()
 
 
+def test_worker_env_allow_list_names_and_credentials(monkeypatch) -> None:
+    for name in list(os.environ):
+        monkeypatch.delenv(name)
+    driver_env = {
+        "PATH": "/bin",
+        "HF_HOME": "/hf",
+        "NCCL_SOCKET_IFNAME": "eth0",
+        "CUDA_VISIBLE_DEVICES": "2,3",  # Ray sets each worker's
+        "RANK": "0",
+        "HF_TOKEN": "hf-token",
+        "WANDB_API_KEY": "wandb-key",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret",
+        "MY_FLAG": "1",
+        "MY_BUCKET_KEY": "bucket-key",
+        "UNNAMED": "x",
+    }
+    for name, value in driver_env.items():
+        monkeypatch.setenv(name, value)
+    env = worker_env(["MY_FLAG", "MY_BUCKET_KEY", "NOT_SET"])
+    assert env.plain == {
+        "PATH": "/bin",
+        "HF_HOME": "/hf",
+        "NCCL_SOCKET_IFNAME": "eth0",
+        "MY_FLAG": "1",
+    }
+    assert env.credentials == {"HF_TOKEN": "hf-token", "MY_BUCKET_KEY": "bucket-key"}
+    with pytest.raises(ValueError, match="cluster.worker_env_vars: 'RANK' is set for each worker"):
+        worker_env(["RANK"])
+
+
 @pytest.fixture
 def private_ray_tmpdir() -> Iterator[dict[str, str]]:
     """Environment for a subprocess whose Ray files (and recorded head address) are private."""
@@ -124,7 +158,9 @@ nodes.wait_for_nodes()
 os.environ["RAY_ADDRESS"] = nodes.address
 init_ray()
 cluster = RayVirtualCluster([1, 1], placement_group_strategy="STRICT_SPREAD", name="two")
-group = RayWorkerGroup(cluster, GlooWorker, name_prefix="two", worker_kwargs={"scale": 1})
+group = RayWorkerGroup(
+    cluster, GlooWorker, name_prefix="two", worker_kwargs={"scale": 1}, timeout_s=600, env_vars=[]
+)
 out = {
     "node_ids": [b.node_id for b in group.bundles],
     "envs": group.run_all_workers_single_data("env"),
@@ -159,10 +195,11 @@ from rl_toolkit.distributed.virtual_cluster import init_ray
 @ray.remote(num_cpus=0)
 class View:
     def env(self):
-        return [os.environ.get("RLT_ATTACH_VAR"), os.environ.get("OWN")]
+        return [os.environ.get(name) for name in ("NCCL_DEBUG", "RLT_ATTACH_VAR", "OWN")]
 
 def worker_view():
-    # An actor with env vars of its own (as the worker group's) still gets the driver's.
+    # An actor with env vars of its own (as the worker group's) still gets the driver's
+    # allow-listed ones.
     view = View.options(runtime_env={"env_vars": {"OWN": "own"}}).remote()
     return ray.get(view.env.remote())
 
@@ -200,12 +237,51 @@ def test_init_ray_attaches_to_running_head(private_ray_tmpdir: dict, free_port: 
         while not address_file.exists():
             assert head.poll() is None and time.monotonic() < deadline, "ray start --head failed"
             time.sleep(0.2)
-        out = run_driver(ATTACH_DRIVER, {**env, "RLT_ATTACH_VAR": "seen"})
+        out = run_driver(ATTACH_DRIVER, {**env, "NCCL_DEBUG": "WARN", "RLT_ATTACH_VAR": "x"})
+        left_behind = _kill_driver_with_a_worker(env)
     finally:
         head.terminate()
         head.wait(timeout=30)
     assert out["recorded"][0].endswith(f":{free_port}")
     assert out["recorded"][1] == 1.0  # the head's CPU, not a new local cluster
-    assert out["env"] == ["seen", "own"]  # the head was started without RLT_ATTACH_VAR
+    # The head was started without either: NCCL_DEBUG is allow-listed, RLT_ATTACH_VAR is not.
+    assert out["env"] == ["WARN", None, "own"]
     assert "only applies to a new local cluster" in out["error"]
     assert out["explicit"] == out["recorded"]
+    assert left_behind == {}  # the worker of a killed driver dies with it
+
+
+DRIVER_WITH_A_WORKER = """
+import time
+from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, init_ray
+from rl_toolkit.distributed.worker_groups import RayWorkerGroup
+from tests.unit.test_worker_groups import EnvWorker
+
+init_ray()
+cluster = RayVirtualCluster([1], use_gpus=False, name="doomed")
+group = RayWorkerGroup(cluster, EnvWorker, name_prefix="doomed", timeout_s=600, env_vars=[])
+print(group.worker_pids[0], flush=True)
+time.sleep(600)
+"""
+
+
+def _kill_driver_with_a_worker(env: dict[str, str]) -> dict[int, int]:
+    """SIGKILL a driver attached to the running head once its worker runs; the worker process
+    (pid -> start time) if it is still running 60 s later."""
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER_WITH_A_WORKER],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        worker = int(driver.stdout.readline())
+        worker_process = {worker: process_table()[worker][1]}
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        left = wait_until_gone(worker_process, timeout_s=60)
+    finally:
+        driver.kill()
+    kill_all(left)
+    return left

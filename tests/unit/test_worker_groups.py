@@ -1,17 +1,31 @@
 """RayWorkerGroup on a local CPU cluster: env, gloo collectives, dispatch and failure reports."""
 
+import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import ray
 import torch
 import torch.distributed as dist
 
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
+from rl_toolkit.distributed.ray_watchdog import process_table
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
-from rl_toolkit.distributed.worker_groups import RayWorkerGroup, WorkerError
+from rl_toolkit.distributed.worker_groups import (
+    MAX_CAUSE_LINES,
+    MAX_WORKERS_LISTED,
+    RayWorkerGroup,
+    WorkerError,
+    _cause_lines,
+    _listed,
+)
+from tests.conftest import WORKER_TIMEOUT_S
+from tests.process_testing import environ, wait_until_gone
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -48,6 +62,14 @@ class GlooWorker:
         return self.all_reduce(value=1)
 
 
+def make_group(
+    cluster: RayVirtualCluster, worker_cls: type, name_prefix: str, **kwargs
+) -> RayWorkerGroup:
+    """A worker group with the tests' generous timeout and no extra environment variables."""
+    kwargs = {"timeout_s": WORKER_TIMEOUT_S, "env_vars": [], **kwargs}
+    return RayWorkerGroup(cluster, worker_cls, name_prefix=name_prefix, **kwargs)
+
+
 class BrokenWorker:
     def __init__(self) -> None:
         raise ValueError("bad worker config")
@@ -56,7 +78,7 @@ class BrokenWorker:
 @pytest.fixture(scope="module")
 def gloo_group() -> Iterator[RayWorkerGroup]:
     cluster = RayVirtualCluster([2], name="wg-test")
-    group = RayWorkerGroup(cluster, GlooWorker, name_prefix="gloo", worker_kwargs={"scale": 1})
+    group = make_group(cluster, GlooWorker, "gloo", worker_kwargs={"scale": 1})
     yield group
     group.shutdown()
     cluster.shutdown()
@@ -104,7 +126,7 @@ def test_bad_dispatch_is_a_value_error(gloo_group: RayWorkerGroup) -> None:
 @pytest.mark.parametrize(("how", "expected"), [("raise", "boom from the worker"), ("exit", "died")])
 def test_failure_surfaces_fast_while_peer_is_blocked(how: str, expected: str) -> None:
     cluster = RayVirtualCluster([2], use_gpus=False, name=f"fail-{how}")
-    group = RayWorkerGroup(cluster, GlooWorker, name_prefix="victim", worker_kwargs={"scale": 1})
+    group = make_group(cluster, GlooWorker, "victim", worker_kwargs={"scale": 1})
     try:
         start = time.monotonic()
         futures = group.run_all_workers_single_data_async(
@@ -115,27 +137,88 @@ def test_failure_surfaces_fast_while_peer_is_blocked(how: str, expected: str) ->
         assert time.monotonic() - start < 30
         # The dead or raising rank is named first, even if its blocked peer failed too.
         message = str(info.value)
-        assert message.startswith("Worker victim-1 (rank 1 of 2)")
+        assert message.startswith(f"Worker victim-1 (rank 1 of 2, pid {group.worker_pids[1]})")
         assert group.bundles[1].node_ip in message and "fail_or_all_reduce" in message
         assert expected in message
+        assert len(message.splitlines()) < 20
+        assert group.broken  # only shutdown() is safe now
     finally:
         group.shutdown()
         group.shutdown()  # idempotent
         cluster.shutdown()
 
 
+def test_a_stopped_worker_times_out_naming_it() -> None:
+    cluster = RayVirtualCluster([2], use_gpus=False, name="stopped")
+    group = make_group(cluster, GlooWorker, "frozen", worker_kwargs={"scale": 1})
+    stopped = group.worker_pids[1]
+    stopped_process = {stopped: process_table()[stopped][1]}  # pid -> start time
+    try:
+        # Short for this call only: building the group takes longer on the loaded CI machine.
+        group.timeout_s = 3.0
+        os.kill(stopped, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(WorkerError) as info:
+            group.run_all_workers_single_data("env")
+        assert 3.0 <= time.monotonic() - start < 30
+        message = str(info.value)
+        assert message.startswith("1 worker(s) did not answer within 3 s")
+        assert f"Worker frozen-1 (rank 1 of 2, pid {stopped}) on node" in message
+        assert "GlooWorker.env()" in message and "rank 0" not in message  # rank 0 answered
+        assert group.broken
+        group.shutdown()  # kills the stopped process too
+        assert wait_until_gone(stopped_process, timeout_s=60) == {}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+        group.shutdown()
+        cluster.shutdown()
+
+
+class EnvWorker:
+    def getenv(self, *, names: list[str]) -> dict[str, str | None]:
+        return {name: os.environ.get(name) for name in names}
+
+
+def test_workers_get_named_variables_and_credentials_unlogged(monkeypatch) -> None:
+    values = {
+        "RLT_TEST_PLAIN": "plain-7f3a",  # named: set at the worker's start, logged by Ray
+        "RLT_TEST_API_KEY": "named-credential-9c1e",  # named, a credential: build call only
+        "HF_TOKEN": "allow-listed-credential-4b2d",  # allow-listed credential
+        "WANDB_API_KEY": "driver-only-credential-8e6f",  # neither: stays in the driver
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    cluster = RayVirtualCluster([1], use_gpus=False, name="env")
+    group = make_group(cluster, EnvWorker, "env", env_vars=["RLT_TEST_PLAIN", "RLT_TEST_API_KEY"])
+    try:
+        seen = group.run_single_worker("getenv", names=list(values))
+        process_env = environ(group.worker_pids[0])
+    finally:
+        group.shutdown()
+        cluster.shutdown()
+    assert seen == {**values, "WANDB_API_KEY": None}
+    assert "RLT_TEST_PLAIN=plain-7f3a" in process_env
+    session_dir = Path(os.environ["RAY_TMPDIR"])
+    logs = [p.read_bytes() for p in session_dir.rglob("*") if p.is_file() and not p.is_socket()]
+    assert any(b"plain-7f3a" in log for log in logs)  # Ray logs runtime envs: the grep sees them
+    for name in ("RLT_TEST_API_KEY", "HF_TOKEN", "WANDB_API_KEY"):
+        assert values[name] not in process_env
+        assert not any(values[name].encode() in log for log in logs), name
+
+
 def test_shut_down_cluster_is_a_value_error() -> None:
     cluster = RayVirtualCluster([1], use_gpus=False, name="gone")
     cluster.shutdown()
     with pytest.raises(ValueError, match="'late': the cluster has been shut down"):
-        RayWorkerGroup(cluster, GlooWorker, name_prefix="late")
+        make_group(cluster, GlooWorker, "late")
 
 
 def test_init_failure_is_a_worker_error() -> None:
     cluster = RayVirtualCluster([1], use_gpus=False, name="broken")
     try:
         with pytest.raises(WorkerError, match="bad worker config"):
-            RayWorkerGroup(cluster, BrokenWorker, name_prefix="broken")
+            make_group(cluster, BrokenWorker, "broken")
     finally:
         cluster.shutdown()
 
@@ -158,7 +241,7 @@ def test_gpu_workers_one_gpu_each_with_nccl() -> None:
     num_workers = min(torch.cuda.device_count(), 2)  # the session cluster has 4 CPUs
     cluster = RayVirtualCluster([num_workers], num_gpus_per_node=num_workers, name="gpu")
     assert cluster.use_gpus
-    group = RayWorkerGroup(cluster, NcclWorker, name_prefix="nccl")
+    group = make_group(cluster, NcclWorker, "nccl")
     try:
         results = group.run_all_workers_single_data("all_reduce_ones")
         assert [total for total, _ in results] == [float(num_workers)] * num_workers
@@ -166,3 +249,17 @@ def test_gpu_workers_one_gpu_each_with_nccl() -> None:
     finally:
         group.shutdown()
         cluster.shutdown()
+
+
+def test_error_text_stays_short_with_long_tracebacks_and_many_workers() -> None:
+    frames = [f'  File "worker.py", line {i}, in f{i}\n    g{i}()\n    ^^^^^' for i in range(30)]
+    traceback = "\n".join(["ray::_WorkerActor.call() (pid=1)", *frames, "ValueError: the cause"])
+    lines = _cause_lines(ray.exceptions.RaySystemError(traceback))
+    assert len(lines) == MAX_CAUSE_LINES
+    assert lines[0].startswith("  ... (") and lines[-1] == "  ValueError: the cause"
+    assert not any(line.strip() == "^^^^^" for line in lines)
+    listed = _listed([f"worker {rank}" for rank in range(100)])
+    assert listed == [
+        *(f"  worker {rank}" for rank in range(MAX_WORKERS_LISTED)),
+        "  ... and 96 more",
+    ]

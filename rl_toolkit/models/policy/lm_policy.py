@@ -29,6 +29,10 @@ class Policy:
             decides; None computes them every time).
         weights_path: resume the weights (and a synced reference) from this checkpoint.
         optimizer_path: resume optimizer and scheduler state from this checkpoint.
+        worker_timeout_s: how long to wait for any call on the workers; None: forever
+            (``cluster.worker_timeout_s``).
+        worker_env_vars: driver environment variables the workers get besides the built-in
+            allow-list (``cluster.worker_env_vars``).
 
     Attributes:
         workers: the worker group, for calls that need no driver logic.
@@ -45,6 +49,8 @@ class Policy:
         reference_cache: ReferenceLogprobCache | None = None,
         weights_path: str | None = None,
         optimizer_path: str | None = None,
+        worker_timeout_s: float | None,
+        worker_env_vars: list[str],
     ) -> None:
         self.global_batch_size = config["train_global_batch_size"]
         self.reference_cache = reference_cache
@@ -57,7 +63,12 @@ class Policy:
             "optimizer_path": optimizer_path,
         }
         self.workers = RayWorkerGroup(
-            cluster, PolicyWorker, name_prefix="policy", worker_kwargs=worker_kwargs
+            cluster,
+            PolicyWorker,
+            name_prefix="policy",
+            worker_kwargs=worker_kwargs,
+            timeout_s=worker_timeout_s,
+            env_vars=worker_env_vars,
         )
 
     def train(
@@ -130,6 +141,13 @@ class Policy:
             self.reference_cache.clear()  # every cached value belongs to the old reference
 
     def shutdown(self) -> None:
-        """Leave the process group on every worker, then stop the workers."""
-        self.workers.run_all_workers_single_data("shutdown")
-        self.workers.shutdown()
+        """Leave the process group on every worker, then stop the workers.
+
+        After a failed, timed-out or interrupted call only the workers are stopped: a survivor
+        may be stuck in a collective with a dead peer and would never answer.
+        """
+        try:
+            if not self.workers.broken:
+                self.workers.run_all_workers_single_data("shutdown")
+        finally:
+            self.workers.shutdown()
