@@ -42,6 +42,7 @@ from rl_toolkit.models.attention import check_attn_implementation
 from rl_toolkit.models.optim import check_optimizer_config
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
+from rl_toolkit.models.policy.worker import PolicyWorker
 from rl_toolkit.utils.checkpoint import (
     CheckpointManager,
     load_dataloader_state,
@@ -432,12 +433,10 @@ def _save_checkpoint(
     Returns the complete checkpoint's folder."""
     tmp = checkpointer.begin(state["total_steps"])
     paths = _policy_paths(tmp)
-    policy.workers.run_all_workers_single_data("save_checkpoint", **paths)
+    policy.workers.all(PolicyWorker.save_checkpoint, **paths)
     if master_config["checkpointing"]["save_hf"]:
         max_shard_size = parse_shard_size(master_config["checkpointing"]["hf_max_shard_size"])
-        policy.workers.run_all_workers_single_data(
-            "export_hf", path=str(tmp / "hf"), max_shard_size=max_shard_size
-        )
+        policy.workers.all(PolicyWorker.export_hf, str(tmp / "hf"), max_shard_size=max_shard_size)
     save_dataloader_state(tmp, train_dataloader.state_dict())
     save_rng_state(tmp)
     save_config(master_config, tmp / "config.yaml")

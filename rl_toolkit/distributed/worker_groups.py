@@ -13,7 +13,8 @@ import os
 import re
 import socket
 import time
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar
 
 import ray
 import torch
@@ -21,6 +22,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import BundleInfo, RayVirtualCluster, worker_env
+
+W = TypeVar("W")  # the worker class
+P = ParamSpec("P")  # a worker method's parameters after self (and the data, for `sharded`)
+R = TypeVar("R")  # its return type
 
 # After a first failure, how long to wait for other workers' failures (see get_results).
 FAILURE_GRACE_S = 3.0
@@ -110,8 +115,8 @@ class _WorkerActor:
             torch.set_num_threads(num_threads)
         self.worker = worker_cls(**worker_kwargs)
 
-    def call(self, method: str, kwargs: dict[str, Any]) -> Any:
-        return getattr(self.worker, method)(**kwargs)
+    def call(self, method: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        return getattr(self.worker, method)(*args, **kwargs)
 
 
 _RemoteWorkerActor = ray.remote(_WorkerActor)
@@ -136,8 +141,12 @@ def _rank_env(bundles: list[BundleInfo], master_port: int) -> list[dict[str, str
     return envs
 
 
-class RayWorkerGroup:
+class RayWorkerGroup(Generic[W]):
     """One actor per bundle of `cluster`, with rank = position in `cluster.get_bundles()`.
+
+    Calls name the worker's method itself, not a string: `group.all(PolicyWorker.save, path)`,
+    `group.sharded(PolicyWorker.train, batch, loss_fn)`; a type checker and an IDE follow them
+    from the driver to the worker.
 
     Args:
         cluster: the virtual cluster whose bundles host the workers.
@@ -159,7 +168,7 @@ class RayWorkerGroup:
     def __init__(
         self,
         cluster: RayVirtualCluster,
-        worker_cls: type,
+        worker_cls: type[W],
         *,
         name_prefix: str,
         worker_kwargs: dict[str, Any] | None = None,
@@ -234,75 +243,62 @@ class RayWorkerGroup:
             "runtime_env": {"env_vars": env_vars},
         }
 
-    def _check_method(self, method: str) -> None:
-        if not callable(getattr(self.worker_cls, method, None)):
-            raise ValueError(f"{self.worker_cls.__name__} has no method {method!r} to dispatch")
+    def _method_name(self, method: Callable[..., Any]) -> str:
+        name = getattr(method, "__name__", "")
+        if getattr(self.worker_cls, name, None) is not method:
+            raise ValueError(f"{method!r} is not a method of {self.worker_cls.__name__}")
+        return name
 
-    def _call(self, rank: int, method: str, kwargs: dict[str, Any]) -> WorkerFuture:
+    def _call(self, rank: int, method: str, args: tuple, kwargs: dict[str, Any]) -> WorkerFuture:
         assert self._actors, "the worker group has been shut down"
-        return WorkerFuture(rank, method, self._actors[rank].call.remote(method, kwargs))
+        return WorkerFuture(rank, method, self._actors[rank].call.remote(method, args, kwargs))
 
-    def _dispatch(self, method: str, kwargs_per_rank: list[dict[str, Any]]) -> list[WorkerFuture]:
-        self._check_method(method)
-        return [self._call(rank, method, kwargs) for rank, kwargs in enumerate(kwargs_per_rank)]
-
-    def run_all_workers_single_data_async(self, method: str, **kwargs: Any) -> list[WorkerFuture]:
-        """Call `method(**kwargs)` on every worker without waiting; futures in rank order."""
-        return self._dispatch(method, [kwargs] * self.world_size)
-
-    def run_all_workers_single_data(self, method: str, **kwargs: Any) -> list[Any]:
-        """Call `method(**kwargs)` on every worker.
-
-        Returns:
-            The workers' return values in rank order.
-        """
-        return self.get_results(self.run_all_workers_single_data_async(method, **kwargs))
-
-    def run_all_workers_sharded_data_async(
-        self,
-        method: str,
-        *,
-        data: BatchedDataDict,
-        batch_size: int | None = None,
-        common_kwargs: dict[str, Any] | None = None,
+    def all_async(
+        self, method: Callable[Concatenate[W, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> list[WorkerFuture]:
-        """Like `run_all_workers_sharded_data`, without waiting; futures in rank order."""
-        common_kwargs = common_kwargs or {}
-        if "data" in common_kwargs:
-            raise ValueError("common_kwargs may not contain 'data': it is the per-worker shard")
-        shards = data.shard_by_batch_size(self.world_size, batch_size=batch_size)
-        return self._dispatch(method, [{**common_kwargs, "data": shard} for shard in shards])
+        """Like `all`, without waiting: futures in rank order, for `get_results`."""
+        name = self._method_name(method)
+        return [self._call(rank, name, args, kwargs) for rank in range(self.world_size)]
 
-    def run_all_workers_sharded_data(
-        self,
-        method: str,
-        *,
-        data: BatchedDataDict,
-        batch_size: int | None = None,
-        common_kwargs: dict[str, Any] | None = None,
-    ) -> list[Any]:
-        """Call `method(data=shard_i, **common_kwargs)` on worker i.
+    def all(
+        self, method: Callable[Concatenate[W, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> list[R]:
+        """Call `method(*args, **kwargs)` on every worker, e.g. `group.all(W.save, path)`.
 
         Args:
-            method: name of the worker method.
-            data: the batch; split with `data.shard_by_batch_size(world_size, batch_size)`.
-            batch_size: rows per chunk (e.g. the global batch size), see `shard_by_batch_size`.
-            common_kwargs: further keyword arguments, the same for every worker.
+            method: a method of the worker class, as an attribute of the class (so that a type
+                checker follows the call to it and checks the arguments).
+            *args, **kwargs: its arguments, the same for every worker.
 
         Returns:
             The workers' return values in rank order.
         """
-        futures = self.run_all_workers_sharded_data_async(
-            method, data=data, batch_size=batch_size, common_kwargs=common_kwargs
-        )
-        return self.get_results(futures)
+        return self.get_results(self.all_async(method, *args, **kwargs))
 
-    def run_single_worker(self, method: str, *, worker_idx: int = 0, **kwargs: Any) -> Any:
-        """Call `method(**kwargs)` on the worker of rank `worker_idx` and return its result."""
-        if not 0 <= worker_idx < self.world_size:
-            raise ValueError(f"worker_idx={worker_idx} is not a rank in [0, {self.world_size})")
-        self._check_method(method)
-        return self.get_results([self._call(worker_idx, method, kwargs)])[0]
+    def sharded(
+        self,
+        method: Callable[Concatenate[W, BatchedDataDict, P], R],
+        data: BatchedDataDict,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> list[R]:
+        """Call `method(shard_i, *args, **kwargs)` on worker i, e.g. `group.sharded(W.train, b)`.
+
+        Args:
+            method: a method of the worker class whose first argument is the data.
+            data: the batch, split into `world_size` shards of whole groups, balanced and in
+                order (`BatchedDataDict.shard_by_batch_size`).
+            *args, **kwargs: the further arguments, the same for every worker.
+
+        Returns:
+            The workers' return values in rank order.
+        """
+        name = self._method_name(method)
+        shards = data.shard_by_batch_size(self.world_size)
+        futures = [
+            self._call(rank, name, (shard, *args), kwargs) for rank, shard in enumerate(shards)
+        ]
+        return self.get_results(futures)
 
     def get_results(self, futures: list[WorkerFuture]) -> list[Any]:
         """Wait for `futures` and return their values in the order given.

@@ -20,13 +20,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeWorkers:
-    """The workers' side of FakePolicy: calls by method name go to the fake's methods."""
+    """The workers' side of FakePolicy: a worker method goes to the fake's method of its name."""
 
     def __init__(self, policy: "FakePolicy") -> None:
         self.policy = policy
 
-    def run_all_workers_single_data(self, method: str, **kwargs) -> list:
-        return [getattr(self.policy, method)(**kwargs)]
+    def all(self, method, *args, **kwargs) -> list:
+        return [getattr(self.policy, method.__name__)(*args, **kwargs)]
 
 
 class FakePolicy:

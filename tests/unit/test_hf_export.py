@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalL
 
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.policy.lm_policy import Policy
+from rl_toolkit.models.policy.worker import PolicyWorker
 from rl_toolkit.utils.config import ConfigError
 from rl_toolkit.utils.hf_export import (
     check_hf_export_config,
@@ -225,8 +226,8 @@ def test_two_workers_export_tied_sharded_weights_that_give_the_policys_logprobs(
         data = make_batch(seed=3)
         policy.train(data, token_nll_loss, TRAIN_MBS)
         expected = policy.logprobs(data, LOGPROB_MBS)["logprobs"]
-        policy.workers.run_all_workers_single_data(
-            "export_hf", path=str(tmp_path / "hf"), max_shard_size=SMALL_SHARDS
+        policy.workers.all(
+            PolicyWorker.export_hf, str(tmp_path / "hf"), max_shard_size=SMALL_SHARDS
         )
     finally:
         policy.shutdown()

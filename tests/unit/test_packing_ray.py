@@ -8,6 +8,7 @@ from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.packing import token_budget_groups
 from rl_toolkit.models.policy.lm_policy import Policy
+from rl_toolkit.models.policy.worker import PolicyWorker
 from tests.conftest import WORKER_TIMEOUT_S
 from tests.unit.policy_testing import (
     make_batch,
@@ -58,7 +59,7 @@ def test_two_packed_workers_with_uneven_micro_batches_match_one(tmp_path):
         one_pair = data.select_indices([0, 1])
         one_pair_logprobs = policy.logprobs(one_pair, LOGPROB)["logprobs"]
         metrics = policy.train(data, sequence_margin_loss, TRAIN)
-        policy.workers.run_all_workers_single_data("export_hf", path=str(tmp_path / "two"))
+        policy.workers.all(PolicyWorker.export_hf, str(tmp_path / "two"))
     finally:
         policy.shutdown()
         cluster.shutdown()

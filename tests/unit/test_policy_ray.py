@@ -12,6 +12,7 @@ from rl_toolkit.config_schema import MicroBatches, PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.policy.lm_policy import Policy
+from rl_toolkit.models.policy.worker import PolicyWorker
 from tests.conftest import WORKER_TIMEOUT_S
 from tests.unit.policy_testing import (
     LOGPROB_MBS,
@@ -106,9 +107,7 @@ def test_same_step_for_any_split_of_the_global_batch(tiny, two_workers, tmp_path
 
     for step, (data, mbs) in enumerate(zip(batches, (2, 4), strict=True)):
         metrics = two_workers.train(data, sequence_margin_loss, MicroBatches(False, mbs))
-        two_workers.workers.run_all_workers_single_data(
-            "export_hf", path=str(tmp_path / f"two_workers_{step}")
-        )
+        two_workers.workers.all(PolicyWorker.export_hf, str(tmp_path / f"two_workers_{step}"))
 
         for key in ("loss", "accuracy", "grad_norm", "num_valid_seqs", "num_valid_tokens"):
             assert metrics[key] == pytest.approx(expected[step]["metrics"][key], abs=1e-5), key
@@ -131,8 +130,8 @@ def test_reference_stays_initial_through_training_save_and_resume(tiny, two_work
     assert "grad_norm" not in eval_metrics
 
     ckpt = tmp_path / "step_4"
-    two_workers.workers.run_all_workers_single_data(
-        "save_checkpoint",
+    two_workers.workers.all(
+        PolicyWorker.save_checkpoint,
         weights_path=str(ckpt / "weights"),
         optimizer_path=str(ckpt / "optimizer"),
         tokenizer_path=str(ckpt / "tokenizer"),
@@ -175,7 +174,7 @@ def test_reference_sync_and_hf_export(tiny, two_workers, tmp_path):
     reference = two_workers.reference_logprobs(data, LOGPROB_MBS)["reference_logprobs"]
     torch.testing.assert_close(reference, policy_logprobs * data["token_mask"], atol=1e-6, rtol=0)
 
-    two_workers.workers.run_all_workers_single_data("export_hf", path=str(tmp_path / "hf"))
+    two_workers.workers.all(PolicyWorker.export_hf, str(tmp_path / "hf"))
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(naive_logprobs(exported, data), policy_logprobs, atol=1e-5, rtol=0)

@@ -6,6 +6,7 @@ from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
+from rl_toolkit.models.policy.worker import PolicyWorker
 from tests.unit.policy_testing import make_batch
 
 MBS = MicroBatches(packed=True, size=64)
@@ -65,14 +66,14 @@ class _FakeWorkerGroup:
     def __init__(self, reference: _FakeReference) -> None:
         self.reference = reference
 
-    def run_all_workers_sharded_data(self, method: str, data: BatchedDataDict, **kwargs) -> list:
-        assert method == "reference_logprobs"
-        assert kwargs["common_kwargs"] == {"micro_batches": MBS, "response_only": True}
+    def sharded(self, method, data: BatchedDataDict, micro_batches, *, response_only) -> list:
+        assert method is PolicyWorker.reference_logprobs
+        assert micro_batches == MBS and response_only
         return [self.reference(data)]
 
-    def run_all_workers_single_data(self, method: str, **kwargs) -> None:
-        assert method == "update_reference_model"
-        self.reference.scale += kwargs["mixup_alpha"]  # the reference moves
+    def all(self, method, mixup_alpha) -> None:
+        assert method is PolicyWorker.update_reference_model
+        self.reference.scale += mixup_alpha  # the reference moves
 
 
 def test_policy_uses_the_cache_and_clears_it_when_the_reference_is_synced():

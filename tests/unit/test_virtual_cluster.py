@@ -163,8 +163,8 @@ group = RayWorkerGroup(
 )
 out = {
     "node_ids": [b.node_id for b in group.bundles],
-    "envs": group.run_all_workers_single_data("env"),
-    "sums": group.run_all_workers_single_data("all_reduce", value=5),
+    "envs": group.all(GlooWorker.env),
+    "sums": group.all(GlooWorker.all_reduce, value=5),
 }
 group.shutdown()
 cluster.shutdown()

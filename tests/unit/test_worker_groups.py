@@ -50,7 +50,7 @@ class GlooWorker:
         dist.all_reduce(tensor)
         return int(tensor.item())
 
-    def describe(self, *, data: BatchedDataDict, offset: int) -> tuple[int, list[int], int]:
+    def describe(self, data: BatchedDataDict, *, offset: int) -> tuple[int, list[int], int]:
         return dist.get_rank(), data["row"].tolist(), data.group_size + offset
 
     def fail_or_all_reduce(self, *, fail_rank: int, how: str) -> int:
@@ -85,7 +85,7 @@ def gloo_group() -> Iterator[RayWorkerGroup]:
 
 
 def test_env_threads_and_cpu_mode(gloo_group: RayWorkerGroup) -> None:
-    envs = gloo_group.run_all_workers_single_data("env")
+    envs = gloo_group.all(GlooWorker.env)
     assert [env["RANK"] for env in envs] == ["0", "1"]
     for env in envs:
         assert env["WORLD_SIZE"] == "2"
@@ -100,27 +100,20 @@ def test_env_threads_and_cpu_mode(gloo_group: RayWorkerGroup) -> None:
 
 def test_all_reduce(gloo_group: RayWorkerGroup) -> None:
     # rank r contributes 10 * (r + 1): 10 + 20.
-    assert gloo_group.run_all_workers_single_data("all_reduce", value=10) == [30, 30]
-    assert gloo_group.run_single_worker("env", worker_idx=1)["RANK"] == "1"
+    assert gloo_group.all(GlooWorker.all_reduce, value=10) == [30, 30]
 
 
 def test_sharded_dispatch_gives_each_rank_its_slice(gloo_group: RayWorkerGroup) -> None:
     data = BatchedDataDict(row=torch.arange(10), group_size=2)
-    results = gloo_group.run_all_workers_sharded_data(
-        "describe", data=data, common_kwargs={"offset": 100}
-    )
+    results = gloo_group.sharded(GlooWorker.describe, data, offset=100)
     assert results == [(0, [0, 1, 2, 3, 4, 5], 102), (1, [6, 7, 8, 9], 102)]
-    chunked = gloo_group.run_all_workers_sharded_data(
-        "describe", data=data.slice(0, 8), batch_size=4, common_kwargs={"offset": 0}
-    )
-    assert [rows for _, rows, _ in chunked] == [[0, 1, 4, 5], [2, 3, 6, 7]]
 
 
-def test_bad_dispatch_is_a_value_error(gloo_group: RayWorkerGroup) -> None:
-    with pytest.raises(ValueError, match="no method 'nope'"):
-        gloo_group.run_all_workers_single_data("nope")
-    with pytest.raises(ValueError, match="worker_idx=2"):
-        gloo_group.run_single_worker("env", worker_idx=2)
+def test_dispatch_takes_only_the_worker_classs_own_methods(gloo_group: RayWorkerGroup) -> None:
+    with pytest.raises(ValueError, match="is not a method of GlooWorker"):
+        gloo_group.all(EnvWorker.getenv, names=[])  # another class's method of the same shape
+    with pytest.raises(ValueError, match="is not a method of GlooWorker"):
+        gloo_group.all(print)
 
 
 @pytest.mark.parametrize(("how", "expected"), [("raise", "boom from the worker"), ("exit", "died")])
@@ -129,9 +122,7 @@ def test_failure_surfaces_fast_while_peer_is_blocked(how: str, expected: str) ->
     group = make_group(cluster, GlooWorker, "victim", worker_kwargs={"scale": 1})
     try:
         start = time.monotonic()
-        futures = group.run_all_workers_single_data_async(
-            "fail_or_all_reduce", fail_rank=1, how=how
-        )
+        futures = group.all_async(GlooWorker.fail_or_all_reduce, fail_rank=1, how=how)
         with pytest.raises(WorkerError) as info:
             group.get_results(futures)
         assert time.monotonic() - start < 30
@@ -159,7 +150,7 @@ def test_a_stopped_worker_times_out_naming_it() -> None:
         os.kill(stopped, signal.SIGSTOP)
         start = time.monotonic()
         with pytest.raises(WorkerError) as info:
-            group.run_all_workers_single_data("env")
+            group.all(GlooWorker.env)
         assert 3.0 <= time.monotonic() - start < 30
         message = str(info.value)
         assert message.startswith("1 worker(s) did not answer within 3 s")
@@ -192,7 +183,7 @@ def test_workers_get_named_variables_and_credentials_unlogged(monkeypatch) -> No
     cluster = RayVirtualCluster([1], use_gpus=False, name="env")
     group = make_group(cluster, EnvWorker, "env", env_vars=["RLT_TEST_PLAIN", "RLT_TEST_API_KEY"])
     try:
-        seen = group.run_single_worker("getenv", names=list(values))
+        seen = group.all(EnvWorker.getenv, names=list(values))[0]
         process_env = environ(group.worker_pids[0])
     finally:
         group.shutdown()
@@ -243,7 +234,7 @@ def test_gpu_workers_one_gpu_each_with_nccl() -> None:
     assert cluster.use_gpus
     group = make_group(cluster, NcclWorker, "nccl")
     try:
-        results = group.run_all_workers_single_data("all_reduce_ones")
+        results = group.all(NcclWorker.all_reduce_ones)
         assert [total for total, _ in results] == [float(num_workers)] * num_workers
         assert len({devices for _, devices in results}) == num_workers  # a GPU each
     finally:

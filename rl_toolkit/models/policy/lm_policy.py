@@ -62,7 +62,7 @@ class Policy:
             "weights_path": weights_path,
             "optimizer_path": optimizer_path,
         }
-        self.workers = RayWorkerGroup(
+        self.workers: RayWorkerGroup[PolicyWorker] = RayWorkerGroup(
             cluster,
             PolicyWorker,
             name_prefix="policy",
@@ -84,31 +84,19 @@ class Policy:
                 f"Policy.train: the batch has {data.size} rows but the global batch size is "
                 f"{self.global_batch_size} rows (sequences, i.e. twice the number of pairs)"
             )
-        return self._metrics(PolicyWorker.train, data, loss_fn, micro_batches)
+        # The workers all-reduce their metrics: every worker returns the global-batch values.
+        return self.workers.sharded(PolicyWorker.train, data, loss_fn, micro_batches)[0]
 
     def evaluate(
         self, data: BatchedDataDict, loss_fn: LossFn, micro_batches: MicroBatches
     ) -> dict[str, float]:
         """The loss and metrics of a batch (any size that splits into whole groups evenly)."""
-        return self._metrics(PolicyWorker.evaluate, data, loss_fn, micro_batches)
-
-    def _metrics(
-        self, method, data: BatchedDataDict, loss_fn: LossFn, micro_batches: MicroBatches
-    ) -> dict[str, float]:
-        results = self.workers.run_all_workers_sharded_data(
-            method.__name__,
-            data=data,
-            common_kwargs={"loss_fn": loss_fn, "micro_batches": micro_batches},
-        )
-        # The workers all-reduce their metrics: every worker returns the global-batch values.
-        return results[0]
+        return self.workers.sharded(PolicyWorker.evaluate, data, loss_fn, micro_batches)[0]
 
     def logprobs(self, data: BatchedDataDict, micro_batches: MicroBatches) -> BatchedDataDict:
         """``{"logprobs": [N, T]}`` with the current weights, rows in the order of ``data``."""
-        shards = self.workers.run_all_workers_sharded_data(
-            "logprobs",
-            data=data,
-            common_kwargs={"micro_batches": micro_batches, "response_only": False},
+        shards = self.workers.sharded(
+            PolicyWorker.logprobs, data, micro_batches, response_only=False
         )
         return BatchedDataDict.from_batches(shards)
 
@@ -122,10 +110,8 @@ class Policy:
         """
 
         def compute(batch: BatchedDataDict) -> BatchedDataDict:
-            shards = self.workers.run_all_workers_sharded_data(
-                "reference_logprobs",
-                data=batch,
-                common_kwargs={"micro_batches": micro_batches, "response_only": True},
+            shards = self.workers.sharded(
+                PolicyWorker.reference_logprobs, batch, micro_batches, response_only=True
             )
             return BatchedDataDict.from_batches(shards)
 
@@ -136,7 +122,7 @@ class Policy:
 
     def update_reference_model(self, mixup_alpha: float) -> None:
         """TR-DPO: ``reference <- mixup_alpha * policy + (1 - mixup_alpha) * reference``."""
-        self.workers.run_all_workers_single_data("update_reference_model", mixup_alpha=mixup_alpha)
+        self.workers.all(PolicyWorker.update_reference_model, mixup_alpha)
         if self.reference_cache is not None:
             self.reference_cache.clear()  # every cached value belongs to the old reference
 
@@ -148,6 +134,6 @@ class Policy:
         """
         try:
             if not self.workers.broken:
-                self.workers.run_all_workers_single_data("shutdown")
+                self.workers.all(PolicyWorker.shutdown)
         finally:
             self.workers.shutdown()
