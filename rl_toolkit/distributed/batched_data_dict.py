@@ -5,16 +5,21 @@ in groups of `group_size` consecutive rows that must never be separated: prefere
 `group_size == 2` with chosen and rejected responses interleaved `[c0, r0, c1, r1, ...]`, so a
 shard or micro-batch always holds whole pairs. Every method returns a new BatchedDataDict with
 the same `group_size`.
+
+The class is generic in a TypedDict that names its keys, for readers and type checkers:
+`BatchedDataDict[PreferenceBatch]` (rl_toolkit/data/collate.py) is the preference batch.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
 
+KeysT = TypeVar("KeysT")  # a TypedDict of the keys, their dtypes and shapes
 
-class BatchedDataDict(dict):
+
+class BatchedDataDict(dict, Generic[KeysT]):
     """A dict of tensors and lists that share the batch dimension 0.
 
     Args:

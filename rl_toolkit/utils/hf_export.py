@@ -132,7 +132,7 @@ def save_hf_model(
     missing = [name for name in tied_names if name not in state_dict]
     assert not missing, f"tied parameters {missing} are not in the state dict"
     weights = {
-        name: tensor.to(dtype).contiguous()
+        name: _own_storage(tensor.to(dtype))
         for name, tensor in state_dict.items()
         if name not in tied_names
     }
@@ -145,6 +145,19 @@ def save_hf_model(
         weights, path, max_shard_size=max_shard_size if max_shard_size is not None else _ONE_FILE
     )
     tokenizer.save_pretrained(path)
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it when it is a view into a larger buffer.
+
+    Gathered FSDP shards of a dimension that does not divide by the number of workers (a
+    vocabulary of 41 rows over 2 workers) are views of a padded buffer; safetensors refuses a
+    tensor that does not cover its whole storage.
+    """
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
 
 
 def push_to_hub(folder: Path, repo_id: str, *, private: bool) -> str:

@@ -77,6 +77,22 @@ def test_tied_embeddings_are_stored_once_and_tied_again_on_load(tmp_path):
     )
 
 
+def test_tensors_that_are_views_of_a_padded_buffer_are_saved(tmp_path):
+    # What FSDP gathers for a dimension that does not divide by the workers (64 rows over 3):
+    # each full tensor is a view of a larger, padded buffer, which safetensors refuses as is.
+    model = save_tiny_llama(tmp_path / "model")
+    state = {}
+    for name, tensor in model.state_dict().items():
+        padded = torch.zeros(tensor.numel() + 7)
+        padded[: tensor.numel()] = tensor.reshape(-1)
+        state[name] = padded[: tensor.numel()].view(tensor.shape)
+
+    _export(model, tmp_path / "hf", state_dict=state)
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(dict(loaded.state_dict()), dict(model.state_dict()), atol=0, rtol=0)
+
+
 def test_untied_models_keep_their_lm_head(tmp_path):
     model = save_tiny_llama(tmp_path / "untied")
     assert tied_parameter_names(model) == []
