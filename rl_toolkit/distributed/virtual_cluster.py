@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -191,16 +192,54 @@ def init_ray(log_dir: str | None = None, *, num_cpus: int | None = None) -> None
                 f"running cluster was found at {address} (RAY_ADDRESS or `ray start --head`)"
             )
         logger.info("Attaching to the running Ray cluster at %s", address)
+        _check_reachable(address)
         # address=None makes Ray read RAY_ADDRESS or the recorded head itself; only then does it
         # pick up the token of a token-auth cluster (~/.ray/auth_token), as `ray start` made it.
-        ray.init(address=None, runtime_env=runtime_env)
+        with _one_line_ray_errors(f"cannot attach to the Ray cluster at {address}"):
+            ray.init(address=None, runtime_env=runtime_env)
         return
     logger.info("No running Ray cluster found; starting a local one")
-    _start_local_ray(
-        num_cpus=num_cpus,
-        runtime_env=runtime_env,
-        temp_dir=os.path.abspath(log_dir) if log_dir else None,
-    )
+    with _one_line_ray_errors("cannot start a local Ray cluster"):
+        _start_local_ray(
+            num_cpus=num_cpus,
+            runtime_env=runtime_env,
+            temp_dir=os.path.abspath(log_dir) if log_dir else None,
+        )
+
+
+class RayStartError(ConfigError):
+    """Ray could not be started or attached to; the message says what to do (exit status 2)."""
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when no head answers at `address`."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # a form Ray resolves itself (e.g. "auto"); it reports its own errors
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        source = (
+            "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the head recorded by `ray start`"
+        )
+        raise RayStartError(
+            f"no Ray head answers at {address} ({source}): {error.strerror or error}; start one "
+            "with `ray start --head`, or unset RAY_ADDRESS (and run `ray stop` for a stale "
+            "head) to start a local cluster"
+        ) from None
+
+
+@contextlib.contextmanager
+def _one_line_ray_errors(what: str) -> Iterator[None]:
+    """Ray's start-up failures as one line with the likely fix, not a page of traceback."""
+    try:
+        yield
+    except (ConnectionError, RuntimeError, TimeoutError) as error:
+        first_line = str(error).strip().partition("\n")[0]
+        raise RayStartError(
+            f"{what}: {first_line} (see Ray's logs under its temp dir, RAY_TMPDIR or /tmp/ray; "
+            "`ray stop` clears stale Ray processes)"
+        ) from None
 
 
 def _start_local_ray(*, num_cpus: int | None, runtime_env: dict, temp_dir: str | None) -> None:

@@ -285,3 +285,22 @@ def _kill_driver_with_a_worker(env: dict[str, str]) -> dict[int, int]:
         driver.kill()
     kill_all(left)
     return left
+
+
+def test_no_head_at_ray_address_is_one_line_in_seconds(free_port: int) -> None:
+    # Ray itself retries for minutes before it gives up on an address where nothing listens.
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port}"}
+    code = (
+        "from rl_toolkit.distributed.virtual_cluster import RayStartError, init_ray\n"
+        "try:\n    init_ray()\nexcept RayStartError as error:\n    print(error)\n"
+    )
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - start < 60
+    assert result.stdout.strip().splitlines() == [
+        f"no Ray head answers at 127.0.0.1:{free_port} (RAY_ADDRESS): Connection refused; start "
+        "one with `ray start --head`, or unset RAY_ADDRESS (and run `ray stop` for a stale head) "
+        "to start a local cluster"
+    ], result.stderr[-2000:]
