@@ -13,16 +13,15 @@ preference pairs is 2B sequences (chosen and rejected interleaved), so every bat
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from rl_toolkit.algorithms.loss_functions import DPOLossFn, validate_dpo_loss_config
+from rl_toolkit.algorithms.utils import set_seed
 from rl_toolkit.config_schema import DPOConfig, MasterConfig, check_master_config
 from rl_toolkit.data import TaskDataSpec, build_dataloader, pad_batch_to
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
@@ -184,12 +183,6 @@ def check_config(master_config: MasterConfig) -> None:
     validate_dpo_loss_config(master_config["dpo"])
     check_attn_implementation(master_config["policy"]["attn_implementation"])
     check_optimizer_config(master_config["policy"])
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _save_state_from(training_info: dict[str, Any]) -> DPOSaveState:
