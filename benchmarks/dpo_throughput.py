@@ -24,28 +24,28 @@ rejected sequence of every pair of the step (the prompt counts twice: it is in b
 computed from the data for both frameworks. Peak memory: the subprocess's peak RSS on CPU,
 `torch.cuda.max_memory_allocated` on GPU. MFU (GPU only): `6 * num_params * tokens / time /
 peak_flops`, with all parameters (embeddings and lm_head included), attention FLOPs not included.
+The model, the clock, the rounds and the table are benchmarks/harness.py, shared with
+sft_throughput.py.
 """
 
-import argparse
-import json
 import math
-import os
-import re
-import resource
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-FIRST_WORD_ID = 3
+from harness import (
+    EOS_ID,
+    FIRST_WORD_ID,
+    PAD_ID,
+    REPO,
+    RL_TOOLKIT_RUN,
+    SEED,
+    StepClock,
+    main,
+    print_result,
+    text,
+    trl_step_timer,
+)
 
 # Model and data per device. Lengths are log-normal with median max_part / 5 (long-tailed),
 # clipped to [min_len, max_part]; prompt + response never exceeds max_length, so nothing is
@@ -87,13 +87,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 LEARNING_RATE = 1.0e-5
 BETA = 0.1
 MAX_GRAD_NORM = 1.0
-SEED = 1234
-
-# A run of rl_toolkit with another attention implementation and/or token budget: rl_toolkit@sdpa:512
-RL_TOOLKIT_RUN = re.compile(r"rl_toolkit(?:@(\w+))?(?::(\d+))?")
-
-# Dense bf16 peak of the GPU (no sparsity), for MFU; other GPUs need --peak-tflops.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,45 +132,8 @@ def tokens_per_step(pairs: list[dict[str, list[int]]], pairs_per_step: int) -> l
     ]
 
 
-def write_model_dir(path: Path, model_kwargs: dict[str, Any], max_length: int) -> None:
-    """A randomly initialised Llama (seeded) and a word-level tokenizer (``w<id>`` is token ``id``).
-
-    Both frameworks load these weights, so they start from the same model.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    config = LlamaConfig(
-        **model_kwargs,
-        max_position_embeddings=max_length,
-        tie_word_embeddings=False,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
-    torch.manual_seed(SEED)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
-    vocab |= {f"w{i}": i for i in range(FIRST_WORD_ID, model_kwargs["vocab_size"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.save_pretrained(path)
-
-
-def _text(ids: list[int]) -> str:
-    return " ".join("</s>" if i == EOS_ID else f"w{i}" for i in ids)
-
-
 # ---------------------------------------------------------------------------------------------
 # One framework in this process
-
-
-def _set_threads() -> None:
-    torch.manual_seed(SEED)
-    torch.set_num_threads(os.cpu_count() or 1)
 
 
 def run_rl_toolkit(
@@ -261,15 +217,8 @@ def run_rl_toolkit(
 def run_trl(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> list[float]:
     """Train with TRL's DPOTrainer; return the wall time of every step."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.clock = StepClock()
-
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            self.clock.lap()
 
     on_gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(args["model_dir"])
@@ -277,9 +226,9 @@ def run_trl(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> list[flo
     dataset = Dataset.from_list(
         [
             {
-                "prompt": _text(p["prompt"]),
-                "chosen": " " + _text(p["chosen"]),
-                "rejected": " " + _text(p["rejected"]),
+                "prompt": text(p["prompt"]),
+                "chosen": " " + text(p["chosen"]),
+                "rejected": " " + text(p["rejected"]),
             }
             for p in pairs
         ]
@@ -308,7 +257,7 @@ def run_trl(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> list[flo
         seed=SEED,
         disable_tqdm=True,
     )
-    timer = StepTimer()
+    timer = trl_step_timer()
     trainer = DPOTrainer(
         model=model,
         args=config,
@@ -324,193 +273,18 @@ def run_trl(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> list[flo
     return timer.clock.laps
 
 
-class StepClock:
-    """Wall and CPU seconds (all threads of this process) between consecutive ``lap()`` calls.
-
-    On a shared machine the wall time also counts the time other processes held the cores; the
-    process's own CPU time mostly does not, so tokens per CPU second is the steadier figure.
-    """
-
-    def __init__(self) -> None:
-        self.laps: list[tuple[float, float]] = []  # (wall s, cpu s) per step
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def lap(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter(), time.process_time()
-        self.laps.append((wall - self.wall, cpu - self.cpu))
-        self.wall, self.cpu = wall, cpu
-
-
-def _peak_memory_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def child_main(framework: str, args_path: str) -> None:
-    """Run one framework and print one JSON line with its step times and peak memory."""
-    args = json.loads(Path(args_path).read_text())
-    _set_threads()
+def child_main(framework: str, args: dict[str, Any]) -> None:
+    """Run one framework and print its RESULT line (harness.print_result)."""
     num_pairs = (args["warmup_steps"] + args["steps"]) * args["pairs_per_step"]
     pairs = make_pairs(num_pairs, args["max_length"], args["model"]["vocab_size"], SEED)
     if framework == "trl":
         times = run_trl(args, pairs)
     else:
-        variant = RL_TOOLKIT_RUN.fullmatch(framework)
-        assert variant is not None, f"unknown framework {framework!r}"
-        attn_implementation, mb_tokens = variant.groups()
+        attn_implementation, mb_tokens = RL_TOOLKIT_RUN.fullmatch(framework).groups()
         mb_tokens = int(mb_tokens) if mb_tokens else None
         times = run_rl_toolkit(args, pairs, attn_implementation or "varlen", mb_tokens)
-    result = {"times": times, "tokens": tokens_per_step(pairs, args["pairs_per_step"])}
-    print("RESULT " + json.dumps(result | {"peak_memory_mib": _peak_memory_mib()}), flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# The driver: alternate the frameworks, summarise
-
-
-def summarise(result: dict[str, Any], warmup_steps: int) -> dict[str, float]:
-    """Tokens per wall second and per CPU second, and the mean step time, of the timed steps."""
-    laps = result["times"][warmup_steps:]
-    tokens = sum(result["tokens"][warmup_steps : warmup_steps + len(laps)])
-    assert laps and len(result["tokens"]) >= warmup_steps + len(laps), "too few steps"
-    wall, cpu = sum(lap[0] for lap in laps), sum(lap[1] for lap in laps)
-    return {
-        "tokens_per_s": tokens / wall,
-        "tokens_per_cpu_s": tokens / cpu,
-        "step_s": wall / len(laps),
-        "peak_memory_mib": result["peak_memory_mib"],
-    }
-
-
-def model_flops_utilisation(tokens_per_s: float, num_params: int, peak_tflops: float) -> float:
-    """``6 * N * tokens/s / peak``: training FLOPs per token without attention's."""
-    return 6 * num_params * tokens_per_s / (peak_tflops * 1e12)
-
-
-def _num_params(model_dir: str) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(p.numel() for p in model.parameters())
-
-
-def _peak_tflops(requested: float | None) -> float | None:
-    if requested is not None or not torch.cuda.is_available():
-        return requested
-    name = torch.cuda.get_device_name()
-    matches = [tflops for key, tflops in PEAK_BF16_TFLOPS.items() if key in name]
-    return matches[0] if matches else None
-
-
-def run_child(framework: str, args_path: Path) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", framework, "--args", str(args_path)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise RuntimeError(f"the {framework} run failed (exit status {proc.returncode})")
-    return json.loads(lines[-1].removeprefix("RESULT "))
-
-
-def print_table(runs: dict[str, list[dict[str, float]]], mfu: dict[str, float]) -> None:
-    medians = {
-        fw: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for fw, rs in runs.items()
-    }
-    header = f"{'tokens/s':>10}{'tokens/cpu-s':>14}{'step s':>9}{'peak MiB':>10}{'MFU':>7}"
-    print(f"\n{'framework':<22}{header}")
-    for fw, m in medians.items():
-        mfu_text = f"{mfu[fw]:.1%}" if fw in mfu else "-"
-        line = (
-            f"{m['tokens_per_s']:>10.1f}{m['tokens_per_cpu_s']:>14.1f}{m['step_s']:>9.3f}"
-            f"{m['peak_memory_mib']:>10.0f}{mfu_text:>7}"
-        )
-        print(f"{fw:<22}{line}")
-    # Every run against TRL (or, without TRL, against the first run): each round runs them back
-    # to back, so a per-round ratio shares most of the load other processes put on a shared
-    # machine; the median over rounds is the headline.
-    base = "trl" if "trl" in runs else next(iter(runs))
-    for fw in runs:
-        if fw == base:
-            continue
-        for key in ("tokens_per_s", "tokens_per_cpu_s"):
-            ratios = [
-                ours[key] / other[key] for ours, other in zip(runs[fw], runs[base], strict=True)
-            ]
-            print(
-                f"{fw} / {base} {key}: x{statistics.median(ratios):.2f} (median of the "
-                f"per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})"
-            )
-        memory = medians[fw]["peak_memory_mib"] / medians[base]["peak_memory_mib"]
-        print(f"{fw} / {base} peak memory: x{memory:.2f}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="default: gpu when CUDA is available, else cpu",
-    )
-    parser.add_argument("--steps", type=int, help="timed steps per run")
-    parser.add_argument("--warmup-steps", type=int, help="untimed steps per run")
-    parser.add_argument("--rounds", type=int, help="A B rounds")
-    parser.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        help="recompute decoder layers in backward, in both frameworks",
-    )
-    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU")
-    parser.add_argument(
-        "--frameworks",
-        default="rl_toolkit,trl",
-        help="runs of each round, in order: trl, or rl_toolkit[@ATTN][:TOKENS] with another "
-        "policy.attn_implementation and/or token budget per micro-batch (e.g. "
-        "rl_toolkit@sdpa:512); rl_toolkit alone where TRL is not installed",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--args", help=argparse.SUPPRESS)
-    cli = parser.parse_args()
-    if cli.child:
-        child_main(cli.child, cli.args)
-        return
-    for framework in cli.frameworks.split(","):
-        if framework != "trl" and not RL_TOOLKIT_RUN.fullmatch(framework):
-            parser.error(f"--frameworks: {framework!r} is not trl or rl_toolkit[@ATTN][:TOKENS]")
-    preset_name = cli.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    args = dict(PRESETS[preset_name])
-    for key in ("steps", "warmup_steps", "rounds"):
-        if getattr(cli, key) is not None:
-            args[key] = getattr(cli, key)
-    args["activation_checkpointing"] = cli.activation_checkpointing
-    with tempfile.TemporaryDirectory() as tmp:
-        args |= {"model_dir": f"{tmp}/model", "output_dir": f"{tmp}/trl_out"}
-        write_model_dir(Path(args["model_dir"]), args["model"], args["max_length"])
-        args_path = Path(tmp) / "args.json"
-        args_path.write_text(json.dumps(args))
-        num_params = _num_params(args["model_dir"])
-        print(f"preset {preset_name}: {num_params / 1e6:.1f}M parameters, {json.dumps(args)}")
-        runs: dict[str, list[dict[str, float]]] = {}
-        for round_idx in range(args["rounds"]):
-            for framework in cli.frameworks.split(","):
-                result = summarise(run_child(framework, args_path), args["warmup_steps"])
-                runs.setdefault(framework, []).append(result)
-                print(f"round {round_idx} {framework}: {json.dumps(result)}", flush=True)
-    peak = _peak_tflops(cli.peak_tflops)
-    mfu = {}
-    if peak is not None:
-        mfu = {
-            fw: model_flops_utilisation(
-                statistics.median(r["tokens_per_s"] for r in rs), num_params, peak
-            )
-            for fw, rs in runs.items()
-        }
-    print_table(runs, mfu)
+    print_result(times, tokens_per_step(pairs, args["pairs_per_step"]))
 
 
 if __name__ == "__main__":
-    main()
+    main(__file__, PRESETS, child_main, __doc__)

@@ -1,13 +1,15 @@
 """The config schema: every section's TypedDict, and the rules a valid config follows.
 
 This module imports neither torch nor Ray nor transformers, so that a driver loads and checks
-its config in about a second, before the ~15 s of imports a run needs (examples/run_dpo.py).
+its config in about a second, before the ~15 s of imports a run needs (examples/run_dpo.py,
+examples/run_sft.py).
 Value ranges are part of the types (``Annotated[int, Ge(1)]``) and are checked with the types
 by ``rl_toolkit.utils.config.validate_config``; the rules that relate several keys are in
-``check_master_config``. Every default lives in configs/dpo.yaml.
+``check_master_config`` (DPO) and ``check_sft_config`` (SFT). Every default lives in
+configs/dpo.yaml (DPO) or configs/sft.yaml (SFT).
 
 Batch sizes count sequences (rows of the batch), never pairs: a DPO global batch of 8 pairs is
-``train_global_batch_size: 16``.
+``train_global_batch_size: 16``; an SFT global batch of 16 sequences is the same number.
 """
 
 import os
@@ -233,6 +235,72 @@ class DPOConfig(DPOLossConfig):
 
 
 # ---------------------------------------------------------------------------------------------
+# sft (the data section and the loop of an SFT config)
+
+
+class SFTDataConfig(TypedDict):
+    """The `data` section of an SFT config. configs/sft.yaml sets every key; see
+    docs/guides/sft.md.
+
+    format: how a row is read: "chat" (a list of messages; the loss is on the assistant turns),
+        "prompt_completion" (the loss is on the completion) or "text" (on every token).
+    train_data_path, val_data_path: local .jsonl / .json / .parquet files, or HF hub dataset
+        names.
+    train_split, val_split: the split of a hub dataset, e.g. "train" or "train[:95%]" (null for
+        local files).
+    messages_key: the column of the conversations (format chat).
+    prompt_key, completion_key: the columns of the prompt and the completion (format
+        prompt_completion).
+    text_key: the column of the text (format text).
+    overlong_policy: what to do with a sequence longer than policy.max_total_sequence_length:
+        "drop" it, or "truncate" it to its first max_total_sequence_length tokens (a row left
+        with no token to learn is dropped).
+    pad_to_multiple_of: round the padded length T of every batch up to a multiple of this.
+    shuffle: shuffle the training data each epoch (seeded by sft.seed).
+    num_workers: dataloader worker processes (0: load in the main process).
+    tokenize_num_proc: processes that tokenise each split up front (1: in this process; small
+        splits are always tokenised in this process).
+    """
+
+    format: Literal["chat", "prompt_completion", "text"]
+    train_data_path: str
+    val_data_path: str
+    train_split: str | None
+    val_split: str | None
+    messages_key: str
+    prompt_key: str
+    completion_key: str
+    text_key: str
+    overlong_policy: Literal["drop", "truncate"]
+    pad_to_multiple_of: PositiveInt
+    shuffle: bool
+    num_workers: NonNegativeInt
+    tokenize_num_proc: PositiveInt
+
+
+class SFTConfig(TypedDict):
+    """The `sft` section: the training loop (NeMo RL's keys).
+
+    max_num_epochs / max_num_steps: training stops at whichever comes first.
+    val_period: validate every this many steps (0: never, except at start and end).
+    val_batches: validation batches per validation (0: the whole validation set).
+    val_global_batch_size / val_micro_batch_size: sequences per validation batch / micro-batch
+        (the micro-batch size is unused with policy.sequence_packing).
+    val_at_start: validate before the first step.
+    seed: seeds Python, NumPy, torch and the data order.
+    """
+
+    max_num_epochs: PositiveInt
+    max_num_steps: NonNegativeInt
+    val_period: NonNegativeInt
+    val_batches: NonNegativeInt
+    val_global_batch_size: PositiveInt
+    val_micro_batch_size: PositiveInt
+    val_at_start: bool
+    seed: int
+
+
+# ---------------------------------------------------------------------------------------------
 # cluster, checkpointing, logger
 
 
@@ -322,6 +390,17 @@ class MasterConfig(TypedDict):
     checkpointing: CheckpointingConfig
 
 
+class SFTMasterConfig(TypedDict):
+    """A whole SFT config (configs/sft.yaml)."""
+
+    policy: PolicyConfig
+    data: SFTDataConfig
+    sft: SFTConfig
+    logger: LoggerConfig
+    cluster: ClusterConfig
+    checkpointing: CheckpointingConfig
+
+
 # ---------------------------------------------------------------------------------------------
 # Rules between keys
 
@@ -335,14 +414,52 @@ def check_master_config(config: MasterConfig) -> None:
         ConfigError: one line naming the key, its value and what would be right.
     """
     _check_batch_sizes(config)
-    lr = config["policy"]["optimizer"]["kwargs"].get("lr")  # optional: optimizers have defaults
-    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
-        raise ConfigError(f"policy.optimizer.kwargs.lr must be a number > 0, got {lr!r}")
+    _check_lr(config["policy"])
     if config["dpo"]["sync_ref_model"] and config["dpo"]["reference_free"]:
         raise ConfigError(
             "dpo.sync_ref_model=true needs a reference model, but dpo.reference_free=true has "
             "none; set one of them to false"
         )
+    _check_output_dirs(config)
+
+
+def check_sft_config(config: SFTMasterConfig) -> None:
+    """check_master_config's rules for an SFT config: batch sizes against the workers (SFT
+    batches have no pairs: any whole number of sequences per worker), the rate, the folders.
+
+    Raises:
+        ConfigError: one line naming the key, its value and what would be right.
+    """
+    policy, sft = config["policy"], config["sft"]
+    workers = num_workers(config["cluster"])
+    for gbs_key, gbs, mbs_key, mbs in (
+        ("policy.train_global_batch_size", policy["train_global_batch_size"],
+         "policy.train_micro_batch_size", policy["train_micro_batch_size"]),
+        ("sft.val_global_batch_size", sft["val_global_batch_size"],
+         "sft.val_micro_batch_size", sft["val_micro_batch_size"]),
+    ):  # fmt: skip
+        if gbs % workers:
+            raise ConfigError(
+                f"{gbs_key}={gbs} must split evenly over {workers} workers "
+                f"(cluster.gpus_per_node x cluster.num_nodes): use a multiple of {workers}"
+            )
+        # With packing, micro-batches are cut by token budgets; the row sizes are unused.
+        if not policy["sequence_packing"]["enabled"] and (gbs // workers) % mbs:
+            raise ConfigError(
+                f"{mbs_key}={mbs} must divide the {gbs // workers} sequences each of the "
+                f"{workers} workers gets of {gbs_key}={gbs}"
+            )
+    _check_lr(policy)
+    _check_output_dirs(config)
+
+
+def _check_lr(policy: PolicyConfig) -> None:
+    lr = policy["optimizer"]["kwargs"].get("lr")  # optional: optimizers have defaults
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0):
+        raise ConfigError(f"policy.optimizer.kwargs.lr must be a number > 0, got {lr!r}")
+
+
+def _check_output_dirs(config: MasterConfig | SFTMasterConfig) -> None:
     if config["checkpointing"]["enabled"]:
         check_writable_dir(
             config["checkpointing"]["checkpoint_dir"], "checkpointing.checkpoint_dir"
@@ -405,7 +522,7 @@ _PATH_KEYS = (
 )
 
 
-def resolve_local_paths(config: MasterConfig) -> None:
+def resolve_local_paths(config: MasterConfig | SFTMasterConfig) -> None:
     """Make the shipped configs work from any working directory, in place.
 
     A relative path in a model or data key is taken from the working directory when it exists

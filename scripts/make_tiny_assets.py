@@ -1,7 +1,8 @@
-"""Generate the embedded default model config, tokenizer and preference data.
+"""Generate the embedded default model config, tokenizer, preference data and SFT data.
 
-The default config (`configs/dpo_tiny.yaml`) trains a randomly initialised tiny Llama on a small
-synthetic preference task so that `uv run examples/run_dpo.py` runs offline on a CPU. Everything
+The default configs (`configs/dpo_tiny.yaml`, `configs/sft_tiny.yaml`) train a randomly
+initialised tiny Llama on small synthetic tasks so that `uv run examples/run_dpo.py` and
+`uv run examples/run_sft.py` run offline on a CPU. Everything
 here comes from a fixed seed and is written in a fixed key order, so running the script again
 gives byte-identical files. No weights are shipped: the model is built from `config.json` with
 random weights (`AutoModelForCausalLM.from_config` under the run's seed).
@@ -13,12 +14,21 @@ itself: the model has to read the prompt and learn to raise the probability of t
 contains (attention from the response back to the prompt). From random weights a 2-layer,
 0.14 M-parameter Llama learns this with plain DPO in a few dozen steps.
 
+The SFT task is the same rule as a chat: a conversation of 1 or 2 turns, each user turn `copy: `
+and 4 nouns, each assistant turn those nouns in the same order, and no noun twice in a
+conversation. The loss is on the assistant turns only: the user's nouns are random and cannot
+be learned, the assistant's are fully determined. Every list has 4 nouns, so the noun to write
+is always the same distance back, which the 2-layer model finds in a few dozen steps: the
+validation loss per assistant token falls from about 3.7 (ln 41) to about 0.01 in 128 steps of
+32 conversations, over every seed tried. (With 3 to 6 nouns it needs an induction head, which
+forms much later and after a seed-dependent plateau.)
+
 Usage:
     uv run python scripts/make_tiny_assets.py [--out-dir DIR]
 
 writes DIR/tiny_llama/{config.json, tokenizer.json, tokenizer_config.json,
-special_tokens_map.json} and DIR/tiny_prefs/{train.jsonl, val.jsonl}; DIR defaults to the
-repository's `assets/`.
+special_tokens_map.json}, DIR/tiny_prefs/{train.jsonl, val.jsonl} and
+DIR/tiny_sft/{train.jsonl, val.jsonl}; DIR defaults to the repository's `assets/`.
 """
 
 import argparse
@@ -33,6 +43,11 @@ NUM_TRAIN_PAIRS = 1024
 NUM_VAL_PAIRS = 128
 MIN_WORDS = 3
 MAX_WORDS = 6
+SFT_SEED = 20250101
+NUM_TRAIN_CONVERSATIONS = 1024
+NUM_VAL_CONVERSATIONS = 128
+SFT_WORDS = 4  # nouns per turn
+MAX_TURNS = 2  # 1 + 2 * (2 * SFT_WORDS + 6) = 29 tokens at most
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -153,6 +168,38 @@ def make_splits(rng: random.Random) -> tuple[list[dict], list[dict]]:
     return rows[:NUM_TRAIN_PAIRS], rows[NUM_TRAIN_PAIRS:]
 
 
+def make_conversation(rng: random.Random) -> dict[str, list[dict[str, str]]]:
+    """One SFT row {"messages": [...]}: 1 to MAX_TURNS copy turns, no noun used twice."""
+    num_turns = rng.randint(1, MAX_TURNS)
+    words = rng.sample(CONTENT_WORDS, num_turns * SFT_WORDS)
+    messages = []
+    for start in range(0, len(words), SFT_WORDS):
+        turn = words[start : start + SFT_WORDS]
+        messages.append({"role": "user", "content": f"copy: {' '.join(turn)}"})
+        messages.append({"role": "assistant", "content": " ".join(turn)})
+    return {"messages": messages}
+
+
+def make_sft_splits(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Train and validation conversations; no validation user turn occurs in the training set."""
+    train: list[dict] = []
+    seen: set[str] = set()
+    while len(train) < NUM_TRAIN_CONVERSATIONS:
+        row = make_conversation(rng)
+        turns = {m["content"] for m in row["messages"] if m["role"] == "user"}
+        if not turns & seen:
+            seen |= turns
+            train.append(row)
+    val: list[dict] = []
+    while len(val) < NUM_VAL_CONVERSATIONS:
+        row = make_conversation(rng)
+        turns = {m["content"] for m in row["messages"] if m["role"] == "user"}
+        if not turns & seen:
+            seen |= turns
+            val.append(row)
+    return train, val
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Write `obj` as indented JSON with sorted keys (stable across runs)."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="ascii")
@@ -166,7 +213,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_assets(out_dir: Path) -> None:
-    """Write the model, tokenizer and data files under `out_dir`."""
+    """Write the model, tokenizer and data files (preference and SFT) under `out_dir`."""
     model_dir = out_dir / "tiny_llama"
     data_dir = out_dir / "tiny_prefs"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +237,12 @@ def write_assets(out_dir: Path) -> None:
     write_jsonl(data_dir / "train.jsonl", train)
     write_jsonl(data_dir / "val.jsonl", val)
 
+    sft_dir = out_dir / "tiny_sft"
+    sft_dir.mkdir(parents=True, exist_ok=True)
+    train, val = make_sft_splits(random.Random(SFT_SEED))
+    write_jsonl(sft_dir / "train.jsonl", train)
+    write_jsonl(sft_dir / "val.jsonl", val)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -197,7 +250,10 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=default_out, help="where to write")
     args = parser.parse_args()
     write_assets(args.out_dir)
-    print(f"wrote {args.out_dir / 'tiny_llama'} and {args.out_dir / 'tiny_prefs'}")
+    written = ", ".join(
+        str(args.out_dir / name) for name in ("tiny_llama", "tiny_prefs", "tiny_sft")
+    )
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -13,16 +13,15 @@ preference pairs is 2B sequences (chosen and rejected interleaved), so every bat
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from rl_toolkit.algorithms.loss_functions import DPOLossFn, validate_dpo_loss_config
+from rl_toolkit.algorithms.utils import set_seed
 from rl_toolkit.config_schema import (
     CheckpointingConfig,
     DPOConfig,
@@ -211,12 +210,6 @@ def check_config(master_config: MasterConfig) -> None:
     check_optimizer_config(master_config["policy"])
     check_hf_export_config(master_config["checkpointing"])
     check_worker_env_vars(master_config["cluster"]["worker_env_vars"])
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _save_state_from(training_info: dict[str, Any]) -> DPOSaveState:

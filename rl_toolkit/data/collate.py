@@ -1,4 +1,5 @@
-"""Pair-aware collate: preference pairs -> one interleaved, right-padded BatchedDataDict."""
+"""Collate: preference pairs -> one interleaved, right-padded BatchedDataDict (DPO), and SFT
+sequences -> one right-padded BatchedDataDict; padding of a partial batch with loss-free rows."""
 
 from typing import Any
 
@@ -29,15 +30,11 @@ def preference_collate_fn(
             sample_mask    float32 [2B]     1.0 (0.0 only on rows added by pad_batch_to)
             pair_ids       int64   [2B]     the pair's dataset index, the same on both rows
     """
-    assert items and pad_to_multiple_of >= 1
+    assert items
     sequences = [item[key] for item in items for key in ("chosen_input_ids", "rejected_input_ids")]
-    lengths = torch.tensor([len(sequence) for sequence in sequences], dtype=torch.int64)  # [2B]
-    max_length = int(lengths.max())
-    padded_length = -(-max_length // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(sequences), padded_length), pad_token_id, dtype=torch.int64)
-    token_mask = torch.zeros(len(sequences), padded_length, dtype=torch.float32)
+    input_ids, lengths = _pad_right(sequences, pad_token_id, pad_to_multiple_of)
+    token_mask = torch.zeros(input_ids.shape, dtype=torch.float32)  # [2B, T]
     for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = sequence
         token_mask[row, items[row // 2]["prompt_length"] : len(sequence)] = 1.0
     pair_ids = torch.tensor([item["pair_id"] for item in items], dtype=torch.int64)
     return BatchedDataDict(
@@ -50,33 +47,96 @@ def preference_collate_fn(
     )
 
 
-def pad_batch_to(batch: BatchedDataDict, num_pairs: int) -> BatchedDataDict:
-    """Fill a partial batch up to `num_pairs` pairs with rows that carry no loss.
+def sft_collate_fn(
+    items: list[dict[str, Any]], *, pad_token_id: int, pad_to_multiple_of: int
+) -> BatchedDataDict:
+    """Collate B sequences from SFTSequenceDataset into the SFT batch.
 
-    The added rows repeat the batch's first pair (a real, well-formed sequence: an all-pad row
-    of length 0 can give NaN attention on some backends) with sample_mask and token_mask 0 and
-    pair_ids -1, so they add nothing to losses, counts or metrics.
+    The policy worker trains on it as on a preference batch, one row per group
+    (docs/design.md, "The SFT batch"): it all-reduces the global counts of `sample_mask` and
+    `token_mask`, scores only the positions where `token_mask` is 1, and NLLLossFn divides the
+    summed negative log-probs by the global token count. With policy.sequence_packing the worker
+    cuts its rows into micro-batches by token budget and packs each into one padding-free row.
 
     Args:
-        batch: a preference batch of B <= num_pairs pairs (any extra keys are padded alike).
-        num_pairs: the full batch size in pairs.
+        items: B dataset items (sample_id, input_ids, token_mask).
+        pad_token_id: fills input_ids after each sequence.
+        pad_to_multiple_of: T is rounded up to a multiple of this (1: no rounding).
 
     Returns:
-        A BatchedDataDict of 2 * num_pairs rows (the batch itself if it is already full).
+        BatchedDataDict(group_size=1) with
+            input_ids      int64   [B, T]  the tokens, right-padded
+            input_lengths  int64   [B]     real (non-pad) tokens per row
+            token_mask     float32 [B, T]  1.0 on the tokens the loss predicts (assistant turns,
+                                           the completion, or all of a text); never at t = 0,
+                                           which no token predicts, nor on padding
+            sample_mask    float32 [B]     1.0 (0.0 only on rows added by pad_batch_to)
+            sample_ids     int64   [B]     the row's index in its formatted split
     """
-    num_rows = batch.size
-    assert batch.group_size == 2 and num_rows <= 2 * num_pairs
-    num_extra = 2 * num_pairs - num_rows
+    assert items
+    input_ids, lengths = _pad_right(
+        [item["input_ids"] for item in items], pad_token_id, pad_to_multiple_of
+    )
+    token_mask = torch.zeros(input_ids.shape, dtype=torch.float32)  # [B, T]
+    for row, item in enumerate(items):
+        token_mask[row, : len(item["token_mask"])] = item["token_mask"]
+    return BatchedDataDict(
+        input_ids=input_ids,
+        input_lengths=lengths,
+        token_mask=token_mask,
+        sample_mask=torch.ones(len(items), dtype=torch.float32),
+        sample_ids=torch.tensor([item["sample_id"] for item in items], dtype=torch.int64),
+        group_size=1,
+    )
+
+
+def _pad_right(
+    sequences: list[torch.Tensor], pad_token_id: int, pad_to_multiple_of: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids [N, T]` right-padded to the longest sequence rounded up to a multiple of
+    pad_to_multiple_of, and `input_lengths [N]`."""
+    assert pad_to_multiple_of >= 1
+    lengths = torch.tensor([len(sequence) for sequence in sequences], dtype=torch.int64)  # [N]
+    padded_length = -(-int(lengths.max()) // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), padded_length), pad_token_id, dtype=torch.int64)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = sequence
+    return input_ids, lengths
+
+
+# Keys of a batch set to -1 on the rows pad_batch_to adds: they name no row of the data set.
+_ID_KEYS = ("pair_ids", "sample_ids")
+
+
+def pad_batch_to(batch: BatchedDataDict, num_groups: int) -> BatchedDataDict:
+    """Fill a partial batch up to `num_groups` groups (pairs, or SFT sequences) with rows that
+    carry no loss.
+
+    The added rows repeat the batch's first group (a real, well-formed sequence: an all-pad row
+    of length 0 can give NaN attention on some backends) with sample_mask and token_mask 0 and
+    pair_ids / sample_ids -1, so they add nothing to losses, counts or metrics.
+
+    Args:
+        batch: a preference batch of B <= num_groups pairs, or an SFT batch of B <= num_groups
+            sequences (any extra keys are padded alike).
+        num_groups: the full batch size in groups (pairs, or sequences).
+
+    Returns:
+        A BatchedDataDict of num_groups * group_size rows (the batch itself if it is full).
+    """
+    group_size, num_rows = batch.group_size, batch.size
+    assert num_rows <= num_groups * group_size
+    num_extra = num_groups * group_size - num_rows
     if num_extra == 0:
         return batch
-    filler = [0, 1] * (num_extra // 2)
+    filler = list(range(group_size)) * (num_extra // group_size)
     padded = {}
     for key, value in batch.items():
         assert isinstance(value, torch.Tensor), f"pad_batch_to pads tensors only, {key!r} is not"
         extra = value[filler].clone()
         if key in ("sample_mask", "token_mask"):
             extra.zero_()
-        elif key == "pair_ids":
+        elif key in _ID_KEYS:
             extra.fill_(-1)
         padded[key] = torch.cat([value, extra])
-    return BatchedDataDict(padded, group_size=2)
+    return BatchedDataDict(padded, group_size=group_size)

@@ -1,6 +1,6 @@
-"""The resumable preference dataloader and its seeded, stateful shuffle."""
+"""The resumable dataloaders (preference pairs, SFT sequences) and their seeded, stateful shuffle."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -8,8 +8,8 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
-from rl_toolkit.config_schema import DataConfig
-from rl_toolkit.data.collate import preference_collate_fn
+from rl_toolkit.config_schema import DataConfig, SFTDataConfig
+from rl_toolkit.data.collate import preference_collate_fn, sft_collate_fn
 from rl_toolkit.data.datasets import PreferencePairDataset
 
 
@@ -24,7 +24,7 @@ class SeededShuffleSampler(torch.utils.data.Sampler[int]):
 
     Args:
         num_items: dataset length.
-        seed: base seed (dpo.seed).
+        seed: base seed (dpo.seed, sft.seed).
     """
 
     def __init__(self, num_items: int, seed: int) -> None:
@@ -110,18 +110,80 @@ def build_dataloader(
     Returns:
         The dataloader.
     """
+    return _stateful_loader(
+        dataset,
+        preference_collate_fn,
+        tokenizer,
+        data_config,
+        batch_size=num_pairs,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+    )
+
+
+def build_sft_dataloader(
+    dataset: torch.utils.data.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    data_config: SFTDataConfig,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool,
+) -> StatefulDataLoader:
+    """A StatefulDataLoader of SFT batches (see sft_collate_fn for the keys).
+
+    Shuffled and resumable exactly as build_dataloader's preference batches.
+
+    Args:
+        dataset: the tokenised sequences (SFTSequenceDataset).
+        tokenizer: gives pad_token_id, which right-pads input_ids.
+        data_config: the `data` section (num_workers, pad_to_multiple_of).
+        batch_size: sequences per batch.
+        shuffle: reshuffle every epoch (training: data.shuffle); False keeps dataset order.
+        seed: seeds the shuffle (sft.seed).
+        drop_last: drop the last partial batch (training); validation keeps it and pads it
+            with pad_batch_to.
+
+    Returns:
+        The dataloader.
+    """
+    return _stateful_loader(
+        dataset,
+        sft_collate_fn,
+        tokenizer,
+        data_config,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+    )
+
+
+def _stateful_loader(
+    dataset: torch.utils.data.Dataset,
+    collate_fn: Callable[..., Any],
+    tokenizer: PreTrainedTokenizerBase,
+    data_config: DataConfig | SFTDataConfig,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool,
+) -> StatefulDataLoader:
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one (e.g. the EOS token)")
     return StatefulDataLoader(
         dataset,
-        batch_size=num_pairs,
+        batch_size=batch_size,
         sampler=SeededShuffleSampler(len(dataset), seed) if shuffle else None,
         # worker seeds are drawn from this generator rather than the global RNG
         generator=torch.Generator().manual_seed(seed),
         num_workers=data_config["num_workers"],
         drop_last=drop_last,
         collate_fn=partial(
-            preference_collate_fn,
+            collate_fn,
             pad_token_id=tokenizer.pad_token_id,
             pad_to_multiple_of=data_config["pad_to_multiple_of"],
         ),

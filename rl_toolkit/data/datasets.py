@@ -7,7 +7,6 @@ dropped / truncated pairs are known before training starts), and applies the len
 
 import importlib
 import logging
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,7 +17,13 @@ from transformers import PreTrainedTokenizerBase
 from rl_toolkit.config_schema import DataConfig
 from rl_toolkit.data.hf_datasets import BinaryPreferenceDataset, DPODataset, HelpSteer3Dataset
 from rl_toolkit.data.interfaces import PreferenceDataset, TaskDataSpec, require_key
-from rl_toolkit.data.rows import ROW_KEYS, PreferenceDataError, load_pairs_from_records
+from rl_toolkit.data.processes import tokenize_rows
+from rl_toolkit.data.rows import (
+    ROW_KEYS,
+    PreferenceDataError,
+    first_rows,
+    load_pairs_from_records,
+)
 from rl_toolkit.data.tokenization import OVERLONG_POLICIES, fit_prompt, tokenize_pair
 from rl_toolkit.utils.config import ConfigError
 
@@ -124,11 +129,6 @@ def load_preference_dataset(data_config: DataConfig) -> PreferenceDataset:
     return dataset
 
 
-# A split gets at most one process per this many rows, and small ones none but this process:
-# starting workers and sending each the tokenizer and its rows costs about 0.3 s with a tiny
-# tokenizer (more with a large one), as much as a few hundred short rows take to tokenise.
-MIN_ROWS_PER_PROCESS = 256
-
 # Why a pair is dropped ("" when it is kept), in the `dropped` column of a tokenised row.
 _IDENTICAL, _OVERLONG = "chosen == rejected", "overlong"
 
@@ -147,9 +147,6 @@ _TOKENIZED_FEATURES = datasets.Features(
         "error": datasets.Value("string"),
     }
 )
-
-# How many row numbers of dropped pairs the log names, per reason.
-_NUM_ROWS_LOGGED = 5
 
 
 def _tokenize_row(
@@ -195,42 +192,6 @@ def _tokenize_row(
     }
 
 
-def _tokenize_row_or_error(row: dict[str, Any], index: int, **kwargs: Any) -> dict[str, Any]:
-    """`_tokenize_row` for Dataset.map: a bad row's error becomes its `error` column.
-
-    The parent then raises the first bad row's message, as the in-process loop does, instead of
-    whichever worker fails first with an exception wrapped by the process pool.
-    """
-    try:
-        return {**_tokenize_row(row, index, **kwargs), "error": ""}
-    except PreferenceDataError as error:
-        return {**_NO_TOKENS, "dropped": "", "error": str(error)}
-
-
-def _tokenize_in_processes(
-    rows: datasets.Dataset, num_proc: int, kwargs: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """`_tokenize_row` of every row, in row order, by `num_proc` worker processes."""
-    tokenized = rows.select_columns(list(ROW_KEYS)).map(
-        _tokenize_row_or_error,
-        with_indices=True,  # the global row index: each worker's shard knows its offset
-        fn_kwargs=kwargs,
-        num_proc=num_proc,
-        remove_columns=list(ROW_KEYS),
-        features=_TOKENIZED_FEATURES,
-        # Nothing is read from or written to the datasets cache (~/.cache or next to the data):
-        # the result stays in memory, and a fresh fingerprint skips hashing the tokenizer.
-        keep_in_memory=True,
-        load_from_cache_file=False,
-        new_fingerprint=uuid.uuid4().hex,
-        desc=f"Tokenising {kwargs['source']}",
-    )
-    first_error = next((error for error in tokenized["error"] if error), None)
-    if first_error is not None:
-        raise PreferenceDataError(first_error)
-    return tokenized.remove_columns("error").to_list()
-
-
 def _build_items(
     tokenized: Iterable[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], int, dict[str, list[int]]]:
@@ -260,14 +221,6 @@ def _build_items(
     return items, num_truncated, dropped_rows
 
 
-def _first_rows(row_numbers: list[int]) -> str:
-    """ " (rows 3, 8, ...)" for a log line: where to look for the first few of these pairs."""
-    if not row_numbers:
-        return ""
-    shown = ", ".join(str(number) for number in row_numbers[:_NUM_ROWS_LOGGED])
-    return f" (rows {shown}{', ...' if len(row_numbers) > _NUM_ROWS_LOGGED else ''})"
-
-
 class PreferencePairDataset(torch.utils.data.Dataset):
     """One split of preference pairs, tokenised up front, for the pair-aware collate.
 
@@ -283,8 +236,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         source: names the split in logs and errors (e.g. "train").
         task_spec: the dataset's task spec, kept for the recipe (`setup` returns it).
         num_proc: processes that tokenise (data.tokenize_num_proc); the items, counts and
-            errors do not depend on it. Splits under MIN_ROWS_PER_PROCESS rows per process use
-            fewer processes, down to none but this one.
+            errors do not depend on it (see processes.tokenize_rows).
 
     Attributes:
         counts: {"num_rows", "num_pairs", "num_dropped" (= "num_identical" + "num_overlong"),
@@ -318,11 +270,15 @@ class PreferencePairDataset(torch.utils.data.Dataset):
             "overlong_policy": overlong_policy,
             "source": source,
         }
-        num_processes = min(num_proc, len(rows) // MIN_ROWS_PER_PROCESS)
-        if num_processes > 1:
-            tokenized = _tokenize_in_processes(rows, num_processes, kwargs)
-        else:  # lazily, so that a bad row stops the loop at once
-            tokenized = (_tokenize_row(row, index, **kwargs) for index, row in enumerate(rows))
+        tokenized = tokenize_rows(
+            rows,
+            _tokenize_row,
+            columns=list(ROW_KEYS),
+            features=_TOKENIZED_FEATURES,
+            empty={**_NO_TOKENS, "dropped": ""},
+            num_proc=num_proc,
+            kwargs=kwargs,
+        )
         self.items, num_truncated, self.dropped_rows = _build_items(tokenized)
         self.counts = {
             "num_rows": len(rows),
@@ -350,10 +306,10 @@ class PreferencePairDataset(torch.utils.data.Dataset):
             counts["num_pairs"],
             counts["num_rows"],
             counts["num_identical"],
-            _first_rows(self.dropped_rows[_IDENTICAL]),
+            first_rows(self.dropped_rows[_IDENTICAL]),
             counts["num_overlong"],
             max_length,
-            _first_rows(self.dropped_rows[_OVERLONG]),
+            first_rows(self.dropped_rows[_OVERLONG]),
             counts["num_truncated"],
             overlong_policy,
         )

@@ -1,7 +1,8 @@
-"""Reading preference rows from files and checking them, with errors that name file and row.
+"""Reading data rows from files or the hub and checking them, with errors that name file and row.
 
-A row becomes `{"prompt": Text, "chosen_response": Text, "rejected_response": Text}` where Text
-is a string or a list of chat messages `[{"role": str, "content": str}, ...]`.
+A preference row becomes `{"prompt": Text, "chosen_response": Text, "rejected_response": Text}`
+where Text is a string or a list of chat messages `[{"role": str, "content": str}, ...]`. The
+file readers and the message checks are shared with the SFT rows (rl_toolkit/data/sft/).
 """
 
 import json
@@ -20,13 +21,49 @@ PARQUET_SUFFIXES = (".parquet",)
 ROW_KEYS = ("prompt", "chosen_response", "rejected_response")
 
 
-class PreferenceDataError(ConfigError):
-    """A preference file or row is malformed; the message names the source and the row."""
+class DataError(ConfigError):
+    """A data file or row is malformed; the message names the source and the row."""
+
+
+# Its first name, from when all data was preference pairs; DPO code and users still catch it.
+PreferenceDataError = DataError
+
+# How many row numbers a log line names (e.g. of dropped rows), per reason.
+NUM_ROWS_LOGGED = 5
+
+
+def first_rows(row_numbers: list[int]) -> str:
+    """ " (rows 3, 8, ...)" for a log line: where to look for the first few of these rows."""
+    if not row_numbers:
+        return ""
+    shown = ", ".join(str(number) for number in row_numbers[:NUM_ROWS_LOGGED])
+    return f" (rows {shown}{', ...' if len(row_numbers) > NUM_ROWS_LOGGED else ''})"
 
 
 def is_local_file(path: str) -> bool:
     """Whether `path` names a local data file (by its suffix) rather than a hub dataset."""
     return Path(path).suffix in JSON_LINES_SUFFIXES + PARQUET_SUFFIXES or Path(path).exists()
+
+
+def read_source_records(path: str, split: str | None) -> tuple[list[tuple[int, Any]], str]:
+    """Raw `(row_number, record)` tuples from a local file or a hub dataset split.
+
+    Args:
+        path: a local .jsonl / .json / .parquet file, or a hub dataset name.
+        split: the hub split (e.g. "train", "test[:10%]"); must be set for a hub dataset.
+
+    Returns:
+        (records, source) where source names the file or "name[split]" for error messages.
+    """
+    if is_local_file(path):
+        return read_records(path), path
+    if split is None:
+        raise ConfigError(
+            f"{path!r} is not a local file, so it is read as a hub dataset, which needs "
+            "data.train_split / data.val_split"
+        )
+    hub_rows = datasets.load_dataset(path, split=split)
+    return [(index + 1, row) for index, row in enumerate(hub_rows)], f"{path}[{split}]"
 
 
 def read_records(path: str) -> list[tuple[int, Any]]:
@@ -198,17 +235,28 @@ def extract_pair(
 
 
 def rows_to_dataset(
-    rows: list[dict[str, Text]], row_numbers: list[int], source: str, split: str
+    rows: list[dict[str, Text]],
+    row_numbers: list[int],
+    source: str,
+    split: str,
+    keys: tuple[str, ...] = ROW_KEYS,
 ) -> datasets.Dataset:
     """Build a datasets.Dataset from checked rows, after checking each column has one kind.
 
     Arrow columns hold a single type, so a column may not mix strings and message lists.
 
+    Args:
+        rows: the checked rows.
+        row_numbers: their 1-based row numbers in the source.
+        source: names the file (or hub split) in error messages.
+        split: "train" or "validation", recorded as the dataset's split.
+        keys: the columns that may hold either kind (the preference columns by default).
+
     Raises:
         PreferenceDataError: naming the first row whose kind differs from row 1's.
     """
     assert rows and len(rows) == len(row_numbers)
-    for key in ROW_KEYS:
+    for key in keys:
         first_is_text = isinstance(rows[0][key], str)
         for row, number in zip(rows, row_numbers, strict=True):
             if isinstance(row[key], str) != first_is_text:

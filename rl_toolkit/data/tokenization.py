@@ -1,4 +1,5 @@
-"""Tokenising a preference pair, and the length policy for overlong pairs.
+"""Tokenising a prompt and its responses (a preference pair, an SFT prompt-completion row), and
+the length policy for overlong pairs.
 
 With a chat template, the prompt is rendered with `add_generation_prompt=True` and the full
 conversation (prompt + assistant response) without it; the prompt's tokens must be a prefix
@@ -23,7 +24,7 @@ def _as_messages(text: Text, role: str) -> list[dict[str, Any]]:
     return text if isinstance(text, list) else [{"role": role, "content": text}]
 
 
-def _collapse_leading_bos(ids: list[int], bos_id: int | None) -> list[int]:
+def collapse_leading_bos(ids: list[int], bos_id: int | None) -> list[int]:
     """Keep one BOS where a template writes one and the tokenizer adds another."""
     if bos_id is None:
         return ids
@@ -33,7 +34,7 @@ def _collapse_leading_bos(ids: list[int], bos_id: int | None) -> list[int]:
     return ids[start:]
 
 
-def _render(
+def render_messages(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation_prompt: bool
 ) -> list[int]:
     """Token ids of `messages` through the chat template (the template places BOS, if any)."""
@@ -41,7 +42,7 @@ def _render(
         messages, tokenize=False, add_generation_prompt=generation_prompt
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return _collapse_leading_bos(ids, tokenizer.bos_token_id)
+    return collapse_leading_bos(ids, tokenizer.bos_token_id)
 
 
 def _check_plain_text(value: Text, key: str, where: str) -> str:
@@ -51,6 +52,72 @@ def _check_plain_text(value: Text, key: str, where: str) -> str:
             "template; use a tokenizer with one, or plain-text data"
         )
     return value
+
+
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Text, where: str) -> list[int]:
+    """Token ids of a prompt: through the chat template with the generation prompt, or as
+    plain text with the tokenizer's special tokens (BOS appears only at its head).
+
+    Raises:
+        PreferenceDataError: messages without a chat template, or a prompt with no tokens.
+    """
+    if tokenizer.chat_template is None:
+        prompt_text = _check_plain_text(prompt, "prompt", where)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+        prompt_ids = collapse_leading_bos(prompt_ids, tokenizer.bos_token_id)
+    else:
+        prompt_ids = render_messages(
+            tokenizer, _as_messages(prompt, "user"), generation_prompt=True
+        )
+    if not prompt_ids:
+        raise PreferenceDataError(f"{where}: the prompt has no tokens")
+    return prompt_ids
+
+
+def tokenize_response(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Text,
+    prompt_ids: list[int],
+    response: Text,
+    key: str,
+    where: str,
+) -> list[int]:
+    """Token ids of a response to `prompt` (whose ids are `prompt_ids`), ending with EOS.
+
+    Args:
+        tokenizer: a HF tokenizer with an EOS token.
+        prompt: the prompt, as given to tokenize_prompt.
+        prompt_ids: tokenize_prompt's result.
+        response: a string or chat messages (the assistant's turn when a string).
+        key: the response's column, for error messages.
+        where: "source, row N" for error messages.
+
+    Returns:
+        The response's ids; the sequence is prompt_ids + response ids.
+
+    Raises:
+        PreferenceDataError: no EOS token, messages without a chat template, or a template
+            whose prompt rendering is not a token prefix of the full conversation.
+    """
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise PreferenceDataError(
+            "the tokenizer has no EOS token; responses must end with one (set "
+            "policy.tokenizer.name to a tokenizer with one)"
+        )
+    if tokenizer.chat_template is None:
+        text = _check_plain_text(response, key, where)
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id]
+    messages = _as_messages(prompt, "user") + _as_messages(response, "assistant")
+    full = render_messages(tokenizer, messages, generation_prompt=False)
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise PreferenceDataError(
+            f"{where}: the chat template renders the prompt (with the generation prompt) "
+            f"to tokens that are not a prefix of the prompt + {key} conversation, so the "
+            "response tokens cannot be told apart; fix the template or the data"
+        )
+    response_ids = full[len(prompt_ids) :]
+    return response_ids if eos_id in response_ids else response_ids + [eos_id]
 
 
 def tokenize_pair(
@@ -72,39 +139,14 @@ def tokenize_pair(
         prompt_ids + response_ids, and BOS (if the tokenizer has one) appears only at its head.
 
     Raises:
-        PreferenceDataError: messages without a chat template, an empty prompt, or a template whose
-            prompt rendering is not a token prefix of the full conversation.
+        PreferenceDataError: see tokenize_prompt and tokenize_response.
     """
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise PreferenceDataError(
-            "the tokenizer has no EOS token; DPO responses must end with one (set policy.tokenizer.name to a tokenizer with one)"
-        )
-    if tokenizer.chat_template is None:
-        prompt_text = _check_plain_text(prompt, "prompt", where)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
-        prompt_ids = _collapse_leading_bos(prompt_ids, tokenizer.bos_token_id)
-        responses = []
-        for key, response in (("chosen_response", chosen), ("rejected_response", rejected)):
-            text = _check_plain_text(response, key, where)
-            responses.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id])
-    else:
-        prompt_messages = _as_messages(prompt, "user")
-        prompt_ids = _render(tokenizer, prompt_messages, generation_prompt=True)
-        responses = []
-        for key, response in (("chosen_response", chosen), ("rejected_response", rejected)):
-            full = _render(tokenizer, prompt_messages + _as_messages(response, "assistant"), False)
-            if full[: len(prompt_ids)] != prompt_ids:
-                raise PreferenceDataError(
-                    f"{where}: the chat template renders the prompt (with the generation prompt) "
-                    f"to tokens that are not a prefix of the prompt + {key} conversation, so the "
-                    "response tokens cannot be told apart; fix the template or the data"
-                )
-            response_ids = full[len(prompt_ids) :]
-            responses.append(response_ids if eos_id in response_ids else response_ids + [eos_id])
-    if not prompt_ids:
-        raise PreferenceDataError(f"{where}: the prompt has no tokens")
-    return prompt_ids, responses[0], responses[1]
+    prompt_ids = tokenize_prompt(tokenizer, prompt, where)
+    chosen_ids, rejected_ids = (
+        tokenize_response(tokenizer, prompt, prompt_ids, response, key, where)
+        for key, response in (("chosen_response", chosen), ("rejected_response", rejected))
+    )
+    return prompt_ids, chosen_ids, rejected_ids
 
 
 def fit_prompt(

@@ -1,8 +1,8 @@
 """examples/run_dpo.py end to end on the embedded tiny model, two CPU workers.
 
-The runs attach to one Ray head started for this module (as on a cluster), so each pays for its
-own workers but not for a Ray start. Every assertion reads what a user would: the exit status,
-the console, metrics.jsonl and the checkpoint folders.
+The runs attach to one Ray head started for this module (`ray_head`, conftest.py), as on a
+cluster, so each pays for its own workers but not for a Ray start. Every assertion reads what a
+user would: the exit status, the console, metrics.jsonl and the checkpoint folders.
 """
 
 import contextlib
@@ -44,41 +44,6 @@ TINY = [
     "checkpointing.save_hf=true",
     "cluster.gpus_per_node=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """A `ray start --head` with 4 CPUs in a private temp dir; yields the runs' environment."""
-    tmp_dir = tempfile.mkdtemp(prefix="rlt-fn-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # A private head on loopback for this module only: no token, so that no other head on the
-    # machine (they share ~/.ray/auth_token) can get in the way.
-    env.update(RAY_TMPDIR=tmp_dir, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    ray = Path(sys.executable).parent / "ray"
-    head = subprocess.Popen(
-        [
-            ray,
-            "start",
-            "--head",
-            "--block",
-            "--port=0",
-            "--num-cpus=4",
-            "--include-dashboard=false",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    address_file = Path(tmp_dir) / "ray" / "ray_current_cluster"
-    deadline = time.monotonic() + 120
-    while not address_file.exists():
-        assert head.poll() is None and time.monotonic() < deadline, "ray start --head failed"
-        time.sleep(0.2)
-    env["RAY_ADDRESS"] = address_file.read_text().strip()
-    yield env
-    head.terminate()
-    head.wait(timeout=60)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def dpo_args(out: Path, *overrides: str) -> list[str]:

@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 
-from rl_toolkit.data import PreferencePairDataset, tokenize_preference_dataset
+from rl_toolkit.data import PreferencePairDataset, processes, tokenize_preference_dataset
 from rl_toolkit.data import datasets as pair_datasets
 from tests.unit.test_data_tokenization import CHAT_TEMPLATE, WORDS, make_tokenizer
 
@@ -46,15 +46,15 @@ def bad_row_tokenizer():
 @pytest.fixture
 def spied_processes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Splits of 16+ rows per process use processes; the list gets each call's process count."""
-    monkeypatch.setattr(pair_datasets, "MIN_ROWS_PER_PROCESS", 16)
+    monkeypatch.setattr(processes, "MIN_ROWS_PER_PROCESS", 16)
     calls = []
-    original = pair_datasets._tokenize_in_processes
+    original = processes._tokenize_in_processes
 
-    def spy(rows, num_proc, kwargs):
+    def spy(rows, num_proc, kwargs, **features):
         calls.append(num_proc)
-        return original(rows, num_proc, kwargs)
+        return original(rows, num_proc, kwargs, **features)
 
-    monkeypatch.setattr(pair_datasets, "_tokenize_in_processes", spy)
+    monkeypatch.setattr(processes, "_tokenize_in_processes", spy)
     return calls
 
 

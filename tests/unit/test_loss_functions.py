@@ -341,3 +341,39 @@ def test_nll_loss_global_token_mean() -> None:
     assert loss.item() == pytest.approx(-(batch["logprobs"] * mask).sum().item() / global_toks)
     assert metrics["num_valid_samples"] == 2
     assert metrics["num_valid_tokens"] == int(global_toks.item())
+
+
+def test_nll_loss_over_any_split_of_an_sft_batch_is_the_batch_loss() -> None:
+    """SFT: micro-batches (or workers) of any size sum to the global batch's loss and gradient.
+
+    Rows of 1 to 7 learned tokens: a mean of per-micro-batch means, or of per-row means, would
+    weight tokens unequally and differ.
+    """
+    generator = torch.Generator().manual_seed(5)
+    lengths = [8, 3, 6, 2, 7, 5]
+    token_mask = torch.zeros(6, 8)
+    for row, length in enumerate(lengths):
+        token_mask[row, 8 - length :] = 1.0
+    batch = {"token_mask": token_mask, "sample_mask": torch.tensor([1.0, 1, 1, 1, 1, 0])}
+    logprobs = -torch.rand(6, 8, generator=generator)  # (B, T)
+    counts = (batch["sample_mask"].sum(), (token_mask * batch["sample_mask"][:, None]).sum())
+    assert counts[1] == 26  # the masked row's 5 tokens do not count
+
+    def loss_and_grad(splits: list[list[int]]) -> tuple[float, torch.Tensor]:
+        leaf = logprobs.clone().requires_grad_(True)
+        total = 0.0
+        for rows in splits:
+            micro_batch = {key: value[rows] for key, value in batch.items()}
+            loss, _ = NLLLossFn()(leaf[rows], micro_batch, *counts)
+            loss.backward()
+            total += loss.item()
+        return total, leaf.grad
+
+    expected = -(logprobs * token_mask)[:5].sum().item() / 26
+    whole_loss, whole_grad = loss_and_grad([list(range(6))])
+    assert whole_loss == pytest.approx(expected, abs=1e-6)
+    for splits in ([[0], [1, 2], [3, 4, 5]], [[0, 1, 2], [3, 4, 5]], [[i] for i in range(6)]):
+        loss, grad = loss_and_grad(splits)
+        assert loss == pytest.approx(whole_loss, abs=1e-6)
+        torch.testing.assert_close(grad, whole_grad, atol=1e-7, rtol=0)
+    assert whole_grad[5].abs().sum() == 0 and whole_grad[1, :5].abs().sum() == 0  # masked, prompt

@@ -1,4 +1,5 @@
-"""The embedded default assets: they load offline, fit the DPO data contract, and regenerate exactly."""
+"""The embedded default assets: they load offline, fit the DPO and SFT data contracts, and
+regenerate exactly."""
 
 import json
 import subprocess
@@ -30,9 +31,9 @@ def read_rows(split: str) -> list[dict]:
 
 
 def asset_files(root: Path) -> dict[str, bytes]:
-    """Relative path -> content of every file under root's tiny_llama/ and tiny_prefs/."""
+    """Relative path -> content of every file under root's tiny_llama/, tiny_prefs/, tiny_sft/."""
     files = {}
-    for sub in ("tiny_llama", "tiny_prefs"):
+    for sub in ("tiny_llama", "tiny_prefs", "tiny_sft"):
         for path in sorted((root / sub).rglob("*")):
             if path.is_file():
                 files[str(path.relative_to(root))] = path.read_bytes()
@@ -97,7 +98,33 @@ def test_regenerating_gives_identical_small_files(tmp_path: Path) -> None:
     script = REPO_ROOT / "scripts" / "make_tiny_assets.py"
     subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path)], check=True)
     committed, regenerated = asset_files(ASSETS), asset_files(tmp_path)
-    assert len(committed) == 6 and sorted(committed) == sorted(regenerated)
+    assert len(committed) == 8 and sorted(committed) == sorted(regenerated)
     for name, content in committed.items():
         assert content == regenerated[name], f"{name} differs from a fresh generation"
         assert len(content) < MAX_FILE_BYTES, f"{name} is over 1 MB"
+
+
+def test_sft_rows_follow_the_copy_rule() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    train, val = (
+        [json.loads(line) for line in (ASSETS / "tiny_sft" / f"{split}.jsonl").open()]
+        for split in ("train", "val")
+    )
+    assert (len(train), len(val)) == (1024, 128)
+
+    def user_turns(rows: list[dict]) -> set[str]:
+        return {m["content"] for row in rows for m in row["messages"] if m["role"] == "user"}
+
+    assert not user_turns(train) & user_turns(val)  # validation asks what training never did
+    for row in train + val:
+        messages = row["messages"]
+        assert len(messages) in (2, 4)
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        for user, assistant in zip(messages[0::2], messages[1::2], strict=True):
+            instruction, words = user["content"].split(": ")
+            assert instruction == "copy" and len(words.split()) == 4
+            assert assistant["content"] == words
+        nouns = " ".join(m["content"] for m in messages[1::2]).split()
+        assert len(set(nouns)) == len(nouns)  # no noun twice in a conversation
+        ids = tokenizer.apply_chat_template(messages)["input_ids"]
+        assert tokenizer.unk_token_id not in ids and len(ids) <= 29

@@ -5,34 +5,8 @@ with no prompt column the chosen and rejected conversations carry the prompt as 
 leading messages (TRL's "implicit prompt").
 """
 
-from typing import Any
-
-import datasets
-
 from rl_toolkit.data.interfaces import TaskDataSpec
-from rl_toolkit.data.rows import is_local_file, load_pairs_from_records, read_records
-from rl_toolkit.utils.config import ConfigError
-
-
-def read_source_records(path: str, split: str | None) -> tuple[list[tuple[int, Any]], str]:
-    """Raw `(row_number, record)` tuples from a local file or a hub dataset split.
-
-    Args:
-        path: a local .jsonl / .json / .parquet file, or a hub dataset name.
-        split: the hub split (e.g. "train", "test[:10%]"); must be set for a hub dataset.
-
-    Returns:
-        (records, source) where source names the file or "name[split]" for error messages.
-    """
-    if is_local_file(path):
-        return read_records(path), path
-    if split is None:
-        raise ConfigError(
-            f"{path!r} is not a local file, so it is read as a hub dataset, which needs "
-            "data.train_split / data.val_split"
-        )
-    hub_rows = datasets.load_dataset(path, split=split)
-    return [(index + 1, row) for index, row in enumerate(hub_rows)], f"{path}[{split}]"
+from rl_toolkit.data.rows import load_pairs_from_records, read_source_records
 
 
 class BinaryPreferenceDataset:

@@ -1,0 +1,122 @@
+"""SFT steps do not depend on how the global batch is split: workers x micro-batch x packing.
+
+Three steps on real SFT batches (the tiny chat set: conversations of 1 or 2 turns, 5 or 10
+learned tokens each) give the same loss and grad-norm trajectory and the same final weights
+(1e-5, float32) for one worker taking each batch whole, two Ray CPU workers with micro-batches of
+1, 2 and 4 rows, and two Ray workers packing their rows by token budget.
+"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from rl_toolkit.algorithms.loss_functions import NLLLossFn
+from rl_toolkit.data import sft_collate_fn
+from rl_toolkit.data.sft import SFTDataset, tokenize_sft_dataset
+from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
+from rl_toolkit.models.policy.lm_policy import Policy
+from tests.unit.policy_testing import make_config
+from tests.unit.test_sft_data import data_config
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_DIR = REPO / "assets" / "tiny_llama"
+ROWS_PER_STEP = 8
+NUM_STEPS = 3
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+
+def policy_config(packing: bool, mb_tokens: int = 64) -> dict:
+    # Random weights seeded by policy.seed (the same for any number of workers). Adam moves a
+    # weight by about lr whatever its gradient, so a gradient element that is ~0 up to rounding
+    # (summed in another order by another split) moves by up to lr: 1e-3 keeps three steps of
+    # that under the tolerance, and still moves the weights far beyond it.
+    config = make_config(
+        MODEL_DIR,
+        random_init=True,
+        train_global_batch_size=ROWS_PER_STEP,
+        max_total_sequence_length=64,
+        optimizer={"name": "torch.optim.AdamW", "kwargs": {"lr": 1.0e-3, "weight_decay": 0.0}},
+    )
+    config["sequence_packing"] = {
+        "enabled": packing,
+        "train_mb_tokens": mb_tokens,
+        "logprob_mb_tokens": mb_tokens,
+    }
+    return copy.deepcopy(config)
+
+
+@pytest.fixture(scope="module")
+def batches() -> list:
+    """NUM_STEPS global batches of the tiny SFT set, as the recipe's loader builds them."""
+    config = data_config(REPO / "assets" / "tiny_sft")  # its train.jsonl and val.jsonl
+    dataset = SFTDataset(config)
+    rows = dataset.formatted_ds["train"].select(range(ROWS_PER_STEP * NUM_STEPS))
+    tokenized = tokenize_sft_dataset(
+        rows, tokenizer(), dataset.task_spec, config, max_total_sequence_length=64
+    )
+    return [
+        sft_collate_fn(
+            [tokenized[i] for i in range(start, start + ROWS_PER_STEP)],
+            pad_token_id=0,
+            pad_to_multiple_of=8,
+        )
+        for start in range(0, len(tokenized), ROWS_PER_STEP)
+    ]
+
+
+def tokenizer():
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def reference(batches, tmp_path_factory) -> tuple[list[dict], dict, dict]:
+    """One in-process worker, each global batch as one micro-batch: the metrics of every step,
+    the initial and the final weights."""
+    path = tmp_path_factory.mktemp("reference")
+    worker = FSDP2PolicyWorker(config=policy_config(packing=False), tokenizer=tokenizer())
+    worker.export_hf(str(path / "initial"))
+    metrics = [worker.train(batch, NLLLossFn(), mbs=ROWS_PER_STEP) for batch in batches]
+    worker.export_hf(str(path / "final"))
+    worker.shutdown()
+    initial, final = (load_file(path / name / "model.safetensors") for name in ("initial", "final"))
+    return metrics, initial, final
+
+
+@pytest.mark.parametrize(
+    ("packing", "mb_tokens", "micro_batch_sizes"),
+    [
+        (False, 64, (1, 2, 4)),  # 4 rows a worker: 4, 2 and 1 micro-batches
+        (True, 40, (None,) * 3),  # 1 or 2 sequences a micro-batch, uneven over the workers
+    ],
+    ids=["2-workers-micro-batches", "2-workers-packed"],
+)
+def test_same_steps_for_any_split(
+    batches, reference, tmp_path, packing, mb_tokens, micro_batch_sizes
+) -> None:
+    expected_metrics, initial_weights, expected_weights = reference
+    cluster = RayVirtualCluster([2], use_gpus=False, name="sft-2w")
+    policy = Policy(
+        cluster, policy_config(packing, mb_tokens), tokenizer(), init_reference_model=False
+    )
+    try:
+        for step, (batch, mbs) in enumerate(zip(batches, micro_batch_sizes, strict=True)):
+            metrics = policy.train(batch, NLLLossFn(), mbs=mbs)
+            for key in ("loss", "grad_norm", "num_valid_tokens", "num_valid_samples"):
+                expected = expected_metrics[step][key]
+                assert metrics[key] == pytest.approx(expected, abs=1e-5), f"step {step}: {key}"
+        policy.export_hf(str(tmp_path / "hf"))
+    finally:
+        policy.shutdown()
+        cluster.shutdown()
+    # The learned tokens of a batch: 5 or 10 a conversation, never the user's.
+    assert expected_metrics[0]["num_valid_tokens"] < batches[0]["input_lengths"].sum() / 2
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    torch.testing.assert_close(weights, expected_weights, atol=1e-5, rtol=0)
+    moved = max((weights[k] - initial_weights[k]).abs().max() for k in weights)
+    assert moved > 1e-3  # three steps moved the weights far beyond the tolerance
