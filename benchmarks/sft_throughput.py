@@ -10,7 +10,7 @@ same optimizer, lr, batch and maximum length, for `--warmup-steps` untimed steps
 `--steps` timed steps. Each framework runs in its own subprocess, alternating A B A B over
 `--rounds` rounds; the figures are the median over rounds (harness.py).
 
-rl_toolkit runs as the plain `FSDP2PolicyWorker` in this process (world size 1, no Ray) with
+rl_toolkit runs as the plain `PolicyWorker` in this process (world size 1, no Ray) with
 NLLLossFn on sft_collate_fn's batches, each framework with its defaults otherwise: rl_toolkit
 packs each micro-batch into one padding-free row with varlen attention (`rl_toolkit@sdpa:512`
 for sdpa and a budget of 512 tokens); TRL pads each batch to its longest row (`trl`), or with
@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "max_length": 512,
         "rows_per_step": 16,
-        "sequence_packing": {"train_mb_tokens": 2048, "logprob_mb_tokens": 4096},
+        "micro_batch": {"unit": "tokens", "train": 2048, "logprob": 4096},
         "warmup_steps": 1,
         "steps": 4,
         "rounds": 3,
@@ -72,7 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "max_length": 4096,
         "rows_per_step": 32,
-        "sequence_packing": {"train_mb_tokens": 16384, "logprob_mb_tokens": 16384},
+        "micro_batch": {"unit": "tokens", "train": 16384, "logprob": 16384},
         "warmup_steps": 3,
         "steps": 10,
         "rounds": 2,
@@ -117,12 +117,13 @@ def tokens_per_step(rows: list[dict], rows_per_step: int) -> list[int]:
 def run_rl_toolkit(
     args: dict[str, Any], rows: list[dict], attn_implementation: str, mb_tokens: int | None
 ) -> list[tuple[float, float]]:
-    """Train with the plain FSDP2PolicyWorker and NLLLossFn; return every step's times."""
-    from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
+    """Train with the plain PolicyWorker and NLLLossFn; return every step's times."""
     from transformers import AutoTokenizer
 
     from rl_toolkit.algorithms.loss_functions import NLLLossFn
+    from rl_toolkit.config_schema import micro_batches
     from rl_toolkit.data.collate import sft_collate_fn
+    from rl_toolkit.models.policy.worker import PolicyWorker
     from rl_toolkit.utils.config import load_config
 
     policy_cfg = load_config(REPO / "configs" / "sft_tiny.yaml")["policy"]
@@ -133,7 +134,7 @@ def run_rl_toolkit(
         "precision": "bfloat16" if torch.cuda.is_available() else "float32",
         "seed": SEED,
         "train_global_batch_size": step,
-        "train_micro_batch_size": step,
+        "micro_batch": dict(args["micro_batch"]),
         "max_total_sequence_length": args["max_length"],
         "max_grad_norm": MAX_GRAD_NORM,
         "attn_implementation": attn_implementation,
@@ -145,16 +146,17 @@ def run_rl_toolkit(
         ],
     }
     policy_cfg["tokenizer"]["name"] = args["model_dir"]
-    policy_cfg["sequence_packing"] |= args["sequence_packing"]
     if mb_tokens is not None:
-        policy_cfg["sequence_packing"] |= {"train_mb_tokens": mb_tokens}
+        policy_cfg["micro_batch"] |= {"train": mb_tokens}
     policy_cfg["optimizer"]["kwargs"] |= {"lr": LEARNING_RATE, "weight_decay": 0.0}
     policy_cfg["fsdp"]["activation_checkpointing"] = args["activation_checkpointing"]
-    worker = FSDP2PolicyWorker(
+    worker = PolicyWorker(
         config=policy_cfg,
         tokenizer=AutoTokenizer.from_pretrained(args["model_dir"]),
+        init_optimizer=True,
         init_reference_model=False,
     )
+    train_mbs = micro_batches(policy_cfg["micro_batch"], "train")
     items = [
         {
             "sample_id": index,
@@ -170,7 +172,7 @@ def run_rl_toolkit(
     ]
     loss_fn, clock = NLLLossFn(), StepClock()
     for batch in batches:
-        worker.train(batch, loss_fn)
+        worker.train(batch, loss_fn, train_mbs)
         clock.lap()
     worker.shutdown()
     return clock.laps

@@ -9,7 +9,6 @@ outputs (results/...) go under the working directory.
 """
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from rl_toolkit.config_schema import MasterConfig, check_master_config, resolve_local_paths
@@ -26,20 +25,10 @@ def check(config: MasterConfig) -> None:
 
 def main(config: MasterConfig) -> None:
     # Imported only once the config is known to be good: torch, Ray and transformers take ~15 s.
-    from rl_toolkit.distributed.worker_groups import WorkerError
-
-    try:
-        train(config)
-    except WorkerError as error:
-        # Its message names the worker, node, method and cause; the driver's stack adds nothing.
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def train(config: MasterConfig) -> None:
     from rl_toolkit.algorithms.dpo import check_config, dpo_train, setup
     from rl_toolkit.data import load_preference_dataset, tokenize_preference_dataset
     from rl_toolkit.distributed.virtual_cluster import init_ray
+    from rl_toolkit.distributed.worker_groups import shut_down_at_exit
     from rl_toolkit.utils.checkpoint import CheckpointManager
     from rl_toolkit.utils.hf import check_policy_model, get_tokenizer
 
@@ -62,27 +51,11 @@ def train(config: MasterConfig) -> None:
     policy, cluster, train_dl, val_dl, loss_fn, config, logger, _, save_state = setup(
         config, tokenizer, train_dataset, val_dataset
     )
-
     checkpointer = CheckpointManager(config["checkpointing"])
-    try:
+    with shut_down_at_exit(policy.shutdown, cluster.shutdown):
         dpo_train(
             policy, train_dl, val_dl, tokenizer, loss_fn, config, logger, checkpointer, save_state
         )
-    except BaseException:
-        _shut_down_after_failure(policy.shutdown, cluster.shutdown)
-        raise
-    policy.shutdown()
-    cluster.shutdown()
-
-
-def _shut_down_after_failure(*shutdowns: Callable[[], None]) -> None:
-    """Best effort: an error while cleaning up must not hide the one that stopped training."""
-    for shutdown in shutdowns:
-        try:
-            shutdown()
-        except Exception as error:  # noqa: BLE001 - reported, and the first error goes on
-            first_line = str(error).partition("\n")[0]
-            print(f"warning: {shutdown.__qualname__} failed: {first_line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def main(config: SFTMasterConfig) -> None:
     from rl_toolkit.algorithms.sft import check_config, setup, sft_train
     from rl_toolkit.data.sft import SFTDataset, tokenize_sft_dataset
     from rl_toolkit.distributed.virtual_cluster import init_ray
+    from rl_toolkit.distributed.worker_groups import shut_down_at_exit
     from rl_toolkit.utils.hf import check_policy_model, get_tokenizer
 
     # Everything a user can get wrong is checked before any worker starts (ConfigError).
@@ -49,7 +50,7 @@ def main(config: SFTMasterConfig) -> None:
     policy, cluster, train_dl, val_dl, loss_fn, logger, checkpointer, save_state, config = setup(
         config, tokenizer, train_dataset, val_dataset
     )
-    try:
+    with shut_down_at_exit(policy.shutdown, cluster.shutdown):
         sft_train(
             policy,
             train_dl,
@@ -62,9 +63,6 @@ def main(config: SFTMasterConfig) -> None:
             checkpointer,
             save_state,
         )
-    finally:
-        policy.shutdown()
-        cluster.shutdown()
 
 
 if __name__ == "__main__":

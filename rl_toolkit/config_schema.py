@@ -284,8 +284,8 @@ class SFTConfig(TypedDict):
     max_num_epochs / max_num_steps: training stops at whichever comes first.
     val_period: validate every this many steps (0: never, except at start and end).
     val_batches: validation batches per validation (0: the whole validation set).
-    val_global_batch_size / val_micro_batch_size: sequences per validation batch / micro-batch
-        (the micro-batch size is unused with policy.sequence_packing).
+    val_global_batch_size: sequences per validation batch; its micro-batches are
+        policy.micro_batch's `logprob` ones (no backward).
     val_at_start: validate before the first step.
     seed: seeds Python, NumPy, torch and the data order.
     """
@@ -295,7 +295,6 @@ class SFTConfig(TypedDict):
     val_period: NonNegativeInt
     val_batches: NonNegativeInt
     val_global_batch_size: PositiveInt
-    val_micro_batch_size: PositiveInt
     val_at_start: bool
     seed: int
 
@@ -413,7 +412,7 @@ def check_master_config(config: MasterConfig) -> None:
     Raises:
         ConfigError: one line naming the key, its value and what would be right.
     """
-    _check_batch_sizes(config)
+    _check_batch_sizes(config, "dpo", group_size=2)
     _check_lr(config["policy"])
     if config["dpo"]["sync_ref_model"] and config["dpo"]["reference_free"]:
         raise ConfigError(
@@ -430,26 +429,8 @@ def check_sft_config(config: SFTMasterConfig) -> None:
     Raises:
         ConfigError: one line naming the key, its value and what would be right.
     """
-    policy, sft = config["policy"], config["sft"]
-    workers = num_workers(config["cluster"])
-    for gbs_key, gbs, mbs_key, mbs in (
-        ("policy.train_global_batch_size", policy["train_global_batch_size"],
-         "policy.train_micro_batch_size", policy["train_micro_batch_size"]),
-        ("sft.val_global_batch_size", sft["val_global_batch_size"],
-         "sft.val_micro_batch_size", sft["val_micro_batch_size"]),
-    ):  # fmt: skip
-        if gbs % workers:
-            raise ConfigError(
-                f"{gbs_key}={gbs} must split evenly over {workers} workers "
-                f"(cluster.gpus_per_node x cluster.num_nodes): use a multiple of {workers}"
-            )
-        # With packing, micro-batches are cut by token budgets; the row sizes are unused.
-        if not policy["sequence_packing"]["enabled"] and (gbs // workers) % mbs:
-            raise ConfigError(
-                f"{mbs_key}={mbs} must divide the {gbs // workers} sequences each of the "
-                f"{workers} workers gets of {gbs_key}={gbs}"
-            )
-    _check_lr(policy)
+    _check_batch_sizes(config, "sft", group_size=1)
+    _check_lr(config["policy"])
     _check_output_dirs(config)
 
 
@@ -472,27 +453,32 @@ def num_workers(cluster: ClusterConfig) -> int:
     return cluster["gpus_per_node"] * cluster["num_nodes"]
 
 
-def _check_batch_sizes(config: MasterConfig) -> None:
-    """Global batches split into whole pairs per worker; row micro-batches into whole pairs."""
-    policy, dpo = config["policy"], config["dpo"]
+def _check_batch_sizes(
+    config: MasterConfig | SFTMasterConfig, algorithm: Literal["dpo", "sft"], *, group_size: int
+) -> None:
+    """Global batches split into whole groups per worker; row micro-batches into whole groups.
+
+    A group is the rows that stay together: 2 for a preference pair, 1 for an SFT sequence.
+    """
+    policy, micro_batch = config["policy"], config["policy"]["micro_batch"]
     workers = num_workers(config["cluster"])
-    micro_batch = policy["micro_batch"]
+    whole = " into whole pairs (2 sequences each)" if group_size == 2 else " evenly"
     for gbs_key, gbs, purpose in (
         ("policy.train_global_batch_size", policy["train_global_batch_size"], "train"),
-        ("dpo.val_global_batch_size", dpo["val_global_batch_size"], "logprob"),
-    ):
-        if gbs % (2 * workers):
+        (f"{algorithm}.val_global_batch_size", config[algorithm]["val_global_batch_size"], "logprob"),
+    ):  # fmt: skip
+        if gbs % (group_size * workers):
             raise ConfigError(
-                f"{gbs_key}={gbs} must split into whole pairs (2 sequences each) over "
-                f"{workers} workers (cluster.gpus_per_node x cluster.num_nodes): use a multiple "
-                f"of {2 * workers}"
+                f"{gbs_key}={gbs} must split{whole} over {workers} workers "
+                f"(cluster.gpus_per_node x cluster.num_nodes): use a multiple of "
+                f"{group_size * workers}"
             )
         rows = micro_batch[purpose]
-        if micro_batch["unit"] == "rows" and (rows % 2 or (gbs // workers) % rows):
+        if micro_batch["unit"] == "rows" and (rows % group_size or (gbs // workers) % rows):
+            even = " be even (whole pairs) and" if group_size == 2 else ""
             raise ConfigError(
-                f"policy.micro_batch.{purpose}={rows} rows must be even (whole pairs) and divide "
-                f"the {gbs // workers} sequences each of the {workers} workers gets of "
-                f"{gbs_key}={gbs}"
+                f"policy.micro_batch.{purpose}={rows} rows must{even} divide the {gbs // workers} "
+                f"sequences each of the {workers} workers gets of {gbs_key}={gbs}"
             )
 
 

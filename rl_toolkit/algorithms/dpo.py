@@ -14,16 +14,28 @@ preference pairs is 2B sequences (chosen and rejected interleaved), so every bat
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from rl_toolkit.algorithms.loss_functions import DPOLossFn, validate_dpo_loss_config
-from rl_toolkit.algorithms.utils import set_seed
+from rl_toolkit.algorithms.utils import (
+    build_cluster,
+    build_policy,
+    console_metrics,
+    log_step,
+    log_timing,
+    open_logger,
+    open_run_folder,
+    push_export_to_hub,
+    restore_loader_and_rng,
+    save_checkpoint,
+    save_state_from,
+    set_seed,
+    timed,
+)
 from rl_toolkit.config_schema import (
-    CheckpointingConfig,
     DPOConfig,
     MasterConfig,
     MicroBatches,
@@ -41,19 +53,13 @@ from rl_toolkit.models.attention import check_attn_implementation
 from rl_toolkit.models.optim import check_optimizer_config
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
-from rl_toolkit.models.policy.worker import PolicyWorker
 from rl_toolkit.utils.checkpoint import (
     CheckpointManager,
-    load_dataloader_state,
-    load_rng_state,
-    save_dataloader_state,
-    save_rng_state,
 )
-from rl_toolkit.utils.config import save_config
 from rl_toolkit.utils.hf import warn_if_random_init_of_trained_model
-from rl_toolkit.utils.hf_export import check_hf_export_config, parse_shard_size, push_to_hub
+from rl_toolkit.utils.hf_export import check_hf_export_config
 from rl_toolkit.utils.logger import Logger
-from rl_toolkit.utils.timer import Timer, tokens_per_second
+from rl_toolkit.utils.timer import Timer
 
 
 class DPOSaveState(TypedDict):
@@ -102,48 +108,29 @@ def setup(
     loss_fn = DPOLossFn(dpo_config)
     warn_if_random_init_of_trained_model(policy_config)
 
-    checkpointer = CheckpointManager(master_config["checkpointing"])
-    configured_dir = Path(master_config["checkpointing"]["checkpoint_dir"])
-    if checkpointer.run_dir != configured_dir:
-        # resume=never moved the run to <checkpoint_dir>-N: keep its logs apart the same way.
-        master_config["logger"]["log_dir"] += checkpointer.run_dir.name[len(configured_dir.name) :]
-    # Record the run folder, so that the config saved in each checkpoint, and a
-    # CheckpointManager built from the returned config, name it.
-    master_config["checkpointing"]["checkpoint_dir"] = str(checkpointer.run_dir)
-    resume_path = checkpointer.resume_path
+    checkpointer, resume_path, training_info = open_run_folder(master_config)
     dpo_save_state = _default_dpo_save_state()
     if resume_path is not None:
-        dpo_save_state = _save_state_from(checkpointer.load_training_info(resume_path))
+        dpo_save_state = save_state_from(training_info, DPOSaveState)  # type: ignore[assignment]
         print(f"Resuming from {resume_path} (step {dpo_save_state['total_steps']})")
 
     train_dataloader, val_dataloader = _build_dataloaders(
         master_config, tokenizer, train_dataset, val_dataset
     )
     if resume_path is not None:
-        train_dataloader.load_state_dict(load_dataloader_state(resume_path))
-        load_rng_state(resume_path)
+        restore_loader_and_rng(resume_path, train_dataloader)
 
     resume_step = dpo_save_state["total_steps"] if resume_path is not None else None
-    logger = Logger(master_config["logger"], resume_step=resume_step)
-    logger.log_hyperparams(master_config)
-    cluster = RayVirtualCluster(
-        [master_config["cluster"]["gpus_per_node"]] * master_config["cluster"]["num_nodes"],
-        use_gpus=True,  # falls back to CPU bundles when the Ray cluster has no GPUs
-        num_gpus_per_node=master_config["cluster"]["gpus_per_node"],
-        name="dpo_policy",
-        max_colocated_worker_groups=1,
-    )
-    policy = Policy(
+    logger = open_logger(master_config["logger"], master_config, resume_step)
+    cluster = build_cluster(master_config["cluster"], "dpo_policy")
+    policy = build_policy(
         cluster,
         policy_config,
+        master_config["cluster"],
         tokenizer,
-        init_optimizer=True,
         init_reference_model=not dpo_config["reference_free"],
         reference_cache=_reference_cache(dpo_config),
-        weights_path=_policy_paths(resume_path)["weights_path"] if resume_path else None,
-        optimizer_path=_policy_paths(resume_path)["optimizer_path"] if resume_path else None,
-        worker_timeout_s=master_config["cluster"]["worker_timeout_s"],
-        worker_env_vars=master_config["cluster"]["worker_env_vars"],
+        resume_path=resume_path,
     )
     task_spec = train_dataset.task_spec
     return (
@@ -210,19 +197,6 @@ def check_config(master_config: MasterConfig) -> None:
     check_optimizer_config(master_config["policy"])
     check_hf_export_config(master_config["checkpointing"])
     check_worker_env_vars(master_config["cluster"]["worker_env_vars"])
-
-
-def _save_state_from(training_info: dict[str, Any]) -> DPOSaveState:
-    keys = DPOSaveState.__annotations__
-    return {k: v for k, v in training_info.items() if k in keys}  # type: ignore[return-value]
-
-
-def _policy_paths(checkpoint: Path) -> dict[str, str]:
-    return {
-        "weights_path": str(checkpoint / "policy" / "weights"),
-        "optimizer_path": str(checkpoint / "policy" / "optimizer"),
-        "tokenizer_path": str(checkpoint / "policy" / "tokenizer"),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,9 +305,9 @@ def dpo_train(
         )
     logger.start_progress(total_steps, initial=state["total_steps"])
     while state["total_steps"] < total_steps:
-        for batch in _timed(
-            add_ref_logprobs_to_data(train_dataloader, policy, master_config), timer
-        ):
+        batches = add_ref_logprobs_to_data(train_dataloader, policy, master_config)
+        # Loading a batch and its reference log-probs are timed as one phase.
+        for batch in timed(batches, timer, "reference_logprobs"):
             with timer.time("training"):
                 metrics = policy.train(batch, loss_fn, train_mbs)
             state["step"] += 1
@@ -349,18 +323,16 @@ def dpo_train(
                 _run_validation(
                     policy, val_dataloader, tokenizer, loss_fn, master_config, logger, state, timer
                 )
-            # Logged before the checkpoint that covers this step, so that a kill after the
-            # checkpoint cannot lose them (a resume from it does not redo this step).
-            _log_step(logger, metrics, timer, state["total_steps"])
+            log_step(logger, metrics, timer, state["total_steps"], _CONSOLE_METRICS)
             save_period = master_config["checkpointing"]["save_period"]
             if checkpointer.enabled and (is_last or state["total_steps"] % save_period == 0):
                 with timer.time("checkpoint"):
-                    saved = _save_checkpoint(
+                    saved = save_checkpoint(
                         policy, checkpointer, train_dataloader, state, master_config
                     )
                 if is_last and master_config["checkpointing"]["push_to_hub"] is not None:
-                    _push_to_hub(saved / "hf", master_config["checkpointing"])
-            _log_timing(logger, metrics, timer, state["total_steps"])
+                    push_export_to_hub(saved, master_config["checkpointing"])
+            log_timing(logger, metrics, timer, state["total_steps"])
             if is_last:
                 break
     logger.close()
@@ -369,16 +341,6 @@ def dpo_train(
         f"checkpoints in {checkpointer.run_dir}, metrics in {logger.metrics_path}"
     )
     return state
-
-
-def _timed(batches: Iterator[BatchedDataDict], timer: Timer) -> Iterator[BatchedDataDict]:
-    """Time the loading and reference log-probs of each batch as one phase."""
-    while True:
-        with timer.time("reference_logprobs"):
-            batch = next(batches, None)
-        if batch is None:
-            return
-        yield batch
 
 
 def _maybe_sync_reference(policy: Policy, dpo_config: DPOConfig, total_steps: int) -> None:
@@ -411,35 +373,9 @@ def _run_validation(
         )
     state["val_loss"] = metrics["loss"]
     logger.log_metrics(metrics, state["total_steps"], prefix="validation")
-    logger.print_metrics(_main_metrics(metrics), state["total_steps"], prefix="validation")
-
-
-def _save_checkpoint(
-    policy: Policy,
-    checkpointer: CheckpointManager,
-    train_dataloader: StatefulDataLoader,
-    state: DPOSaveState,
-    master_config: MasterConfig,
-) -> Path:
-    """Write weights, optimizer, data-loader and RNG state, and the config; then finalize.
-
-    Returns the complete checkpoint's folder."""
-    tmp = checkpointer.begin(state["total_steps"])
-    paths = _policy_paths(tmp)
-    policy.workers.all(PolicyWorker.save_checkpoint, **paths)
-    if master_config["checkpointing"]["save_hf"]:
-        max_shard_size = parse_shard_size(master_config["checkpointing"]["hf_max_shard_size"])
-        policy.workers.all(PolicyWorker.export_hf, str(tmp / "hf"), max_shard_size=max_shard_size)
-    save_dataloader_state(tmp, train_dataloader.state_dict())
-    save_rng_state(tmp)
-    save_config(master_config, tmp / "config.yaml")
-    return checkpointer.finalize(tmp, state["total_steps"], dict(state))
-
-
-def _push_to_hub(export: Path, config: CheckpointingConfig) -> None:
-    print(f"Uploading {export} to the Hugging Face Hub repo {config['push_to_hub']}")
-    url = push_to_hub(export, config["push_to_hub"], private=config["hub_private"])
-    print(f"Uploaded: {url}")
+    logger.print_metrics(
+        console_metrics(metrics, _CONSOLE_METRICS), state["total_steps"], prefix="validation"
+    )
 
 
 # What the console shows; every metric goes to metrics.jsonl, TensorBoard and wandb.
@@ -451,23 +387,3 @@ _CONSOLE_METRICS = (
     "lr",
     "tokens_per_second",
 )
-
-
-def _main_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: metrics[k] for k in _CONSOLE_METRICS if k in metrics}
-
-
-def _log_step(logger: Logger, metrics: dict[str, Any], timer: Timer, step: int) -> None:
-    """Log the train metrics of `step` and show progress; the phase times stay in `timer`."""
-    logger.log_metrics(metrics, step, prefix="train")
-    throughput = tokens_per_second(metrics["global_num_tokens"], timer.total("training"))
-    logger.update_progress(step, _main_metrics({**metrics, "tokens_per_second": throughput}))
-
-
-def _log_timing(logger: Logger, metrics: dict[str, Any], timer: Timer, step: int) -> None:
-    """Log the phase times of `step` (its checkpoint included) and the training throughput."""
-    timing = timer.pop_totals()
-    timing["tokens_per_second"] = tokens_per_second(
-        metrics["global_num_tokens"], timing["training"]
-    )
-    logger.log_metrics(timing, step, prefix="timing")

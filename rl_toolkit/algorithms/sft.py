@@ -17,34 +17,45 @@ checkpoint manager it built, and `validate` and `sft_train` take the data set's 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from rl_toolkit.algorithms.loss_functions import NLLLossFn
-from rl_toolkit.algorithms.utils import set_seed
+from rl_toolkit.algorithms.utils import (
+    build_cluster,
+    build_policy,
+    console_metrics,
+    log_step,
+    log_timing,
+    open_logger,
+    open_run_folder,
+    push_export_to_hub,
+    restore_loader_and_rng,
+    save_checkpoint,
+    save_state_from,
+    set_seed,
+    timed,
+)
+from rl_toolkit.config_schema import MicroBatches, SFTMasterConfig, check_sft_config, micro_batches
 from rl_toolkit.config_schema import SFTConfig as SFTConfig  # NeMo RL's import path
-from rl_toolkit.config_schema import SFTMasterConfig, check_sft_config
 from rl_toolkit.data import TaskDataSpec, build_sft_dataloader, pad_batch_to
-from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, check_cluster_fits
+from rl_toolkit.distributed.virtual_cluster import (
+    RayVirtualCluster,
+    check_cluster_fits,
+    check_worker_env_vars,
+)
+from rl_toolkit.models.attention import check_attn_implementation
 from rl_toolkit.models.optim import check_optimizer_config
-from rl_toolkit.models.policy.attention import check_attn_implementation
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.utils.checkpoint import (
     CheckpointManager,
-    load_dataloader_state,
-    load_rng_state,
-    save_dataloader_state,
-    save_rng_state,
 )
-from rl_toolkit.utils.config import save_config
 from rl_toolkit.utils.hf import warn_if_random_init_of_trained_model
+from rl_toolkit.utils.hf_export import check_hf_export_config
 from rl_toolkit.utils.logger import Logger
-from rl_toolkit.utils.timer import Timer, tokens_per_second
+from rl_toolkit.utils.timer import Timer
 
 MasterConfig = SFTMasterConfig  # NeMo RL's name for it in this module
 
@@ -99,44 +110,29 @@ def setup(
     set_seed(master_config["sft"]["seed"])
     warn_if_random_init_of_trained_model(policy_config)
 
-    # The same as dpo.setup from here to the dataloaders (checkpoint folder, logs, resume).
-    checkpointer = CheckpointManager(master_config["checkpointing"])
-    configured_dir = Path(master_config["checkpointing"]["checkpoint_dir"])
-    if checkpointer.run_dir != configured_dir:
-        # resume=never moved the run to <checkpoint_dir>-N: keep its logs apart the same way.
-        master_config["logger"]["log_dir"] += checkpointer.run_dir.name[len(configured_dir.name) :]
-    # Record the run folder, so that the config saved in each checkpoint names it.
-    master_config["checkpointing"]["checkpoint_dir"] = str(checkpointer.run_dir)
-    resume_path = checkpointer.resume_path
+    checkpointer, resume_path, training_info = open_run_folder(master_config)
     sft_save_state = _default_sft_save_state()
     if resume_path is not None:
-        sft_save_state = _save_state_from(checkpointer.load_training_info(resume_path))
+        sft_save_state = save_state_from(training_info, SFTSaveState)  # type: ignore[assignment]
         print(f"Resuming from {resume_path} (step {sft_save_state['total_steps']})")
 
     train_dataloader, val_dataloader = _build_dataloaders(
         master_config, tokenizer, train_dataset, val_dataset
     )
     if resume_path is not None:
-        train_dataloader.load_state_dict(load_dataloader_state(resume_path))
-        load_rng_state(resume_path)
+        restore_loader_and_rng(resume_path, train_dataloader)
 
-    logger = Logger(master_config["logger"])
-    logger.log_hyperparams(master_config)
-    cluster = RayVirtualCluster(
-        [master_config["cluster"]["gpus_per_node"]] * master_config["cluster"]["num_nodes"],
-        use_gpus=True,  # falls back to CPU bundles when the Ray cluster has no GPUs
-        num_gpus_per_node=master_config["cluster"]["gpus_per_node"],
-        name="sft_policy",
-        max_colocated_worker_groups=1,
-    )
-    policy = Policy(
+    resume_step = sft_save_state["total_steps"] if resume_path is not None else None
+    logger = open_logger(master_config["logger"], master_config, resume_step)
+    cluster = build_cluster(master_config["cluster"], "sft_policy")
+    policy = build_policy(
         cluster,
         policy_config,
+        master_config["cluster"],
         tokenizer,
-        init_optimizer=True,
         init_reference_model=False,
-        weights_path=_policy_paths(resume_path)["weights_path"] if resume_path else None,
-        optimizer_path=_policy_paths(resume_path)["optimizer_path"] if resume_path else None,
+        reference_cache=None,
+        resume_path=resume_path,
     )
     return (
         policy,
@@ -192,19 +188,8 @@ def check_config(master_config: MasterConfig) -> None:
     check_sft_config(master_config)
     check_attn_implementation(master_config["policy"]["attn_implementation"])
     check_optimizer_config(master_config["policy"])
-
-
-def _save_state_from(training_info: dict[str, Any]) -> SFTSaveState:
-    keys = SFTSaveState.__annotations__
-    return {k: v for k, v in training_info.items() if k in keys}  # type: ignore[return-value]
-
-
-def _policy_paths(checkpoint: Path) -> dict[str, Path]:
-    return {
-        "weights_path": checkpoint / "policy" / "weights",
-        "optimizer_path": checkpoint / "policy" / "optimizer",
-        "tokenizer_path": checkpoint / "policy" / "tokenizer",
-    }
+    check_hf_export_config(master_config["checkpointing"])
+    check_worker_env_vars(master_config["cluster"]["worker_env_vars"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,9 +206,10 @@ def validate(
     sft_task_spec: TaskDataSpec,
     val_batches: int,
     val_batch_size: int,
-    val_mbs: int,
+    val_mbs: MicroBatches,
 ) -> dict[str, float]:
-    """The loss on `val_batches` validation batches (all when 0), in eval mode.
+    """The loss on `val_batches` validation batches (all when 0), in eval mode, each in
+    `val_mbs` micro-batches.
 
     A partial last batch is padded with rows that carry no loss, so nothing is dropped.
 
@@ -237,7 +223,7 @@ def validate(
         if val_batches > 0 and i >= val_batches:
             break
         batch = pad_batch_to(batch, val_batch_size)
-        metrics = policy.train(batch, loss_fn, eval_mode=True, gbs=val_batch_size, mbs=val_mbs)
+        metrics = policy.evaluate(batch, loss_fn, val_mbs)
         loss_sum += metrics["loss"] * metrics["num_valid_tokens"]
         num_tokens += metrics["num_valid_tokens"]
         num_samples += metrics["num_valid_samples"]
@@ -274,6 +260,7 @@ def sft_train(
     sft_config = master_config["sft"]
     state = sft_save_state
     timer = Timer()
+    train_mbs = micro_batches(master_config["policy"]["micro_batch"], "train")
     steps_per_epoch = len(train_dataloader)
     total_steps = min(sft_config["max_num_steps"], sft_config["max_num_epochs"] * steps_per_epoch)
     if sft_config["val_at_start"] and state["total_steps"] == 0:
@@ -291,9 +278,9 @@ def sft_train(
         )
     logger.start_progress(total_steps, initial=state["total_steps"])
     while state["total_steps"] < total_steps:
-        for batch in _timed(iter(train_dataloader), timer):
+        for batch in timed(iter(train_dataloader), timer, "data"):
             with timer.time("training"):
-                metrics = policy.train(batch, loss_fn)
+                metrics = policy.train(batch, loss_fn, train_mbs)
             state["step"] += 1
             state["total_steps"] += 1
             state["consumed_samples"] += metrics["num_valid_samples"]
@@ -307,11 +294,16 @@ def sft_train(
                     policy, val_dataloader, tokenizer, loss_fn, master_config, sft_task_spec,
                     logger, state, timer,
                 )  # fmt: skip
+            log_step(logger, metrics, timer, state["total_steps"], _CONSOLE_METRICS)
             save_period = master_config["checkpointing"]["save_period"]
             if checkpointer.enabled and (is_last or state["total_steps"] % save_period == 0):
                 with timer.time("checkpoint"):
-                    _save_checkpoint(policy, checkpointer, train_dataloader, state, master_config)
-            _log_step(logger, metrics, timer, state["total_steps"])
+                    saved = save_checkpoint(
+                        policy, checkpointer, train_dataloader, state, master_config
+                    )
+                if is_last and master_config["checkpointing"]["push_to_hub"] is not None:
+                    push_export_to_hub(saved, master_config["checkpointing"])
+            log_timing(logger, metrics, timer, state["total_steps"])
             if is_last:
                 break
     logger.close()
@@ -321,16 +313,6 @@ def sft_train(
         f"metrics in {logger.metrics_path}"
     )
     return state
-
-
-def _timed(batches: Iterator[BatchedDataDict], timer: Timer) -> Iterator[BatchedDataDict]:
-    """Time the loading of each batch."""
-    while True:
-        with timer.time("data"):
-            batch = next(batches, None)
-        if batch is None:
-            return
-        yield batch
 
 
 def _run_validation(
@@ -356,48 +338,14 @@ def _run_validation(
             sft_task_spec,
             val_batches=sft_config["val_batches"],
             val_batch_size=sft_config["val_global_batch_size"],
-            val_mbs=sft_config["val_micro_batch_size"],
+            val_mbs=micro_batches(master_config["policy"]["micro_batch"], "logprob"),
         )
     state["val_loss"] = metrics["loss"]
     logger.log_metrics(metrics, state["total_steps"], prefix="validation")
-    logger.print_metrics(_main_metrics(metrics), state["total_steps"], prefix="validation")
-
-
-def _save_checkpoint(
-    policy: Policy,
-    checkpointer: CheckpointManager,
-    train_dataloader: StatefulDataLoader,
-    state: SFTSaveState,
-    master_config: MasterConfig,
-) -> None:
-    """Write weights, optimizer, data-loader and RNG state, and the config; then finalize.
-
-    The same as dpo._save_checkpoint.
-    """
-    tmp = checkpointer.begin(state["total_steps"])
-    paths = _policy_paths(tmp)
-    policy.save_checkpoint(**paths)
-    if master_config["checkpointing"]["save_hf"]:
-        policy.export_hf(tmp / "hf")
-    save_dataloader_state(tmp, train_dataloader.state_dict())
-    save_rng_state(tmp)
-    save_config(master_config, tmp / "config.yaml")
-    checkpointer.finalize(tmp, state["total_steps"], dict(state))
+    logger.print_metrics(
+        console_metrics(metrics, _CONSOLE_METRICS), state["total_steps"], prefix="validation"
+    )
 
 
 # What the console shows; every metric goes to metrics.jsonl, TensorBoard and wandb.
 _CONSOLE_METRICS = ("loss", "grad_norm", "lr", "tokens_per_second")
-
-
-def _main_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: metrics[k] for k in _CONSOLE_METRICS if k in metrics}
-
-
-def _log_step(logger: Logger, metrics: dict[str, Any], timer: Timer, step: int) -> None:
-    timing = timer.pop_totals()
-    timing["tokens_per_second"] = tokens_per_second(
-        metrics["global_num_tokens"], timing["training"]
-    )
-    logger.log_metrics(metrics, step, prefix="train")
-    logger.log_metrics(timing, step, prefix="timing")
-    logger.update_progress(step, _main_metrics({**metrics, **timing}))

@@ -1,9 +1,42 @@
-"""Helpers every algorithm shares."""
+"""What every recipe does the same way: seeding, the run folder and resume, the cluster and the
+policy, checkpoints, and logging a step.
+
+The recipes (dpo.py, sft.py) read top to bottom and call these where their loops meet the
+runtime; nothing here decides anything about an algorithm.
+"""
 
 import random
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from rl_toolkit.config_schema import (
+    CheckpointingConfig,
+    ClusterConfig,
+    LoggerConfig,
+    PolicyConfig,
+)
+from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
+from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
+from rl_toolkit.models.policy.lm_policy import Policy
+from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
+from rl_toolkit.models.policy.worker import PolicyWorker
+from rl_toolkit.utils.checkpoint import (
+    CheckpointManager,
+    load_dataloader_state,
+    load_rng_state,
+    save_dataloader_state,
+    save_rng_state,
+)
+from rl_toolkit.utils.config import save_config
+from rl_toolkit.utils.hf_export import parse_shard_size, push_to_hub
+from rl_toolkit.utils.logger import Logger
+from rl_toolkit.utils.timer import Timer, tokens_per_second
 
 
 def set_seed(seed: int) -> None:
@@ -11,3 +44,181 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder and resume
+
+
+def open_run_folder(
+    master_config: Mapping[str, Any],
+) -> tuple[CheckpointManager, Path | None, dict[str, Any]]:
+    """The checkpoint manager of this run, the checkpoint to resume from and its training info.
+
+    With resume=never and a used checkpoint_dir the manager picks `<checkpoint_dir>-N`; the logs
+    move to `<log_dir>-N` with it. Both are written back into `master_config`, so that the config
+    saved in each checkpoint (and a manager built from it) names the run's folders.
+
+    Returns:
+        (checkpointer, resume_path or None, training_info of the resume checkpoint or {}).
+    """
+    checkpointer = CheckpointManager(master_config["checkpointing"])
+    configured_dir = Path(master_config["checkpointing"]["checkpoint_dir"])
+    if checkpointer.run_dir != configured_dir:
+        master_config["logger"]["log_dir"] += checkpointer.run_dir.name[len(configured_dir.name) :]
+    master_config["checkpointing"]["checkpoint_dir"] = str(checkpointer.run_dir)
+    resume_path = checkpointer.resume_path
+    if resume_path is None:
+        return checkpointer, None, {}
+    return checkpointer, resume_path, checkpointer.load_training_info(resume_path)
+
+
+def save_state_from(training_info: Mapping[str, Any], save_state_type: type) -> dict[str, Any]:
+    """The keys of a recipe's save state (a TypedDict) out of a checkpoint's training info."""
+    return {k: v for k, v in training_info.items() if k in save_state_type.__annotations__}
+
+
+def restore_loader_and_rng(resume_path: Path, train_dataloader: StatefulDataLoader) -> None:
+    """Put the training loader and the random generators where the checkpoint left them."""
+    train_dataloader.load_state_dict(load_dataloader_state(resume_path))
+    load_rng_state(resume_path)
+
+
+def open_logger(
+    config: LoggerConfig, master_config: Mapping[str, Any], resume_step: int | None
+) -> Logger:
+    """The run's logger (lines of steps after `resume_step` dropped: they are redone)."""
+    logger = Logger(config, resume_step=resume_step)
+    logger.log_hyperparams(master_config)
+    return logger
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster and policy
+
+
+def build_cluster(config: ClusterConfig, name: str) -> RayVirtualCluster:
+    """One bundle per worker: a GPU each, or a CPU each when the Ray cluster has no GPU."""
+    return RayVirtualCluster(
+        [config["gpus_per_node"]] * config["num_nodes"],
+        use_gpus=True,  # falls back to CPU bundles when the Ray cluster has no GPUs
+        num_gpus_per_node=config["gpus_per_node"],
+        name=name,
+        max_colocated_worker_groups=1,
+    )
+
+
+def build_policy(
+    cluster: RayVirtualCluster,
+    policy_config: PolicyConfig,
+    cluster_config: ClusterConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    init_reference_model: bool,
+    reference_cache: ReferenceLogprobCache | None,
+    resume_path: Path | None,
+) -> Policy:
+    """The trained policy on `cluster`, from the checkpoint `resume_path` when there is one."""
+    paths = policy_paths(resume_path) if resume_path is not None else {}
+    return Policy(
+        cluster,
+        policy_config,
+        tokenizer,
+        init_optimizer=True,
+        init_reference_model=init_reference_model,
+        reference_cache=reference_cache,
+        weights_path=paths.get("weights_path"),
+        optimizer_path=paths.get("optimizer_path"),
+        worker_timeout_s=cluster_config["worker_timeout_s"],
+        worker_env_vars=cluster_config["worker_env_vars"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def policy_paths(checkpoint: Path) -> dict[str, str]:
+    """Where the policy's weights, optimizer and tokenizer go in a checkpoint folder."""
+    return {
+        "weights_path": str(checkpoint / "policy" / "weights"),
+        "optimizer_path": str(checkpoint / "policy" / "optimizer"),
+        "tokenizer_path": str(checkpoint / "policy" / "tokenizer"),
+    }
+
+
+def save_checkpoint(
+    policy: Policy,
+    checkpointer: CheckpointManager,
+    train_dataloader: StatefulDataLoader,
+    state: Mapping[str, Any],
+    master_config: Mapping[str, Any],
+) -> Path:
+    """Write weights, optimizer, an HF export (save_hf), data-loader and RNG state and the
+    config into a temporary folder, then finalize it as `step_<total_steps>`.
+
+    Returns:
+        The complete checkpoint's folder.
+    """
+    config: CheckpointingConfig = master_config["checkpointing"]
+    tmp = checkpointer.begin(state["total_steps"])
+    policy.workers.all(PolicyWorker.save_checkpoint, **policy_paths(tmp))
+    if config["save_hf"]:
+        max_shard_size = parse_shard_size(config["hf_max_shard_size"])
+        policy.workers.all(PolicyWorker.export_hf, str(tmp / "hf"), max_shard_size=max_shard_size)
+    save_dataloader_state(tmp, train_dataloader.state_dict())
+    save_rng_state(tmp)
+    save_config(master_config, tmp / "config.yaml")
+    return checkpointer.finalize(tmp, state["total_steps"], dict(state))
+
+
+def push_export_to_hub(checkpoint: Path, config: CheckpointingConfig) -> None:
+    """Upload the checkpoint's HF export to `checkpointing.push_to_hub` (the run's last one)."""
+    print(f"Uploading {checkpoint / 'hf'} to the Hugging Face Hub repo {config['push_to_hub']}")
+    url = push_to_hub(checkpoint / "hf", config["push_to_hub"], private=config["hub_private"])
+    print(f"Uploaded: {url}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging a step
+
+
+def timed(
+    batches: Iterator[BatchedDataDict], timer: Timer, phase: str
+) -> Iterator[BatchedDataDict]:
+    """`batches`, the time to produce each one counted as `phase` in `timer`."""
+    while True:
+        with timer.time(phase):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def console_metrics(metrics: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The metrics the console shows; every metric goes to metrics.jsonl, TensorBoard, wandb."""
+    return {name: metrics[name] for name in names if name in metrics}
+
+
+def log_step(
+    logger: Logger, metrics: dict[str, Any], timer: Timer, step: int, shown: tuple[str, ...]
+) -> None:
+    """Log the train metrics of `step` and show progress; the phase times stay in `timer`.
+
+    Called before the step's checkpoint is finalized, so that a kill after the checkpoint
+    cannot lose them (a resume from it does not redo this step).
+    """
+    logger.log_metrics(metrics, step, prefix="train")
+    throughput = tokens_per_second(metrics["global_num_tokens"], timer.total("training"))
+    logger.update_progress(
+        step, console_metrics({**metrics, "tokens_per_second": throughput}, shown)
+    )
+
+
+def log_timing(logger: Logger, metrics: dict[str, Any], timer: Timer, step: int) -> None:
+    """Log the phase times of `step` (its checkpoint included) and the training throughput."""
+    timing = timer.pop_totals()
+    timing["tokens_per_second"] = tokens_per_second(
+        metrics["global_num_tokens"], timing["training"]
+    )
+    logger.log_metrics(timing, step, prefix="timing")

@@ -9,11 +9,13 @@ Credentials the worker needs (HF_TOKEN, ...) go into that environment the same w
 argument of the build call, which Ray does not log, unlike a runtime_env.
 """
 
+import contextlib
 import os
 import re
 import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar
 
 import ray
@@ -22,6 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import BundleInfo, RayVirtualCluster, worker_env
+from rl_toolkit.utils.config import ReportedError
 
 W = TypeVar("W")  # the worker class
 P = ParamSpec("P")  # a worker method's parameters after self (and the data, for `sharded`)
@@ -42,7 +45,7 @@ _ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
 _MARKER_LINE = re.compile(r"^\s*[~^]+\s*$")
 
 
-class WorkerError(RuntimeError):
+class WorkerError(RuntimeError, ReportedError):
     """A worker raised, its process died, or it did not answer in time. The message names the
     worker, its node, the method and the cause (the end of the remote traceback); the original
     Ray error is in `cause`."""
@@ -385,3 +388,24 @@ class RayWorkerGroup(Generic[W]):
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
+
+
+@contextlib.contextmanager
+def shut_down_at_exit(*shutdowns: Callable[[], None]) -> Iterator[None]:
+    """Call `shutdowns` (e.g. `policy.shutdown`, `cluster.shutdown`) when the block ends.
+
+    After a failure they are best effort: an error while cleaning up is a one-line warning, so
+    that the failure that stopped the run is what the user reads.
+    """
+    try:
+        yield
+    except BaseException:
+        for shutdown in shutdowns:
+            try:
+                shutdown()
+            except Exception as error:  # noqa: BLE001 - reported, and the first error goes on
+                first_line = str(error).partition("\n")[0]
+                print(f"warning: {shutdown.__qualname__} failed: {first_line}", file=sys.stderr)
+        raise
+    for shutdown in shutdowns:
+        shutdown()

@@ -59,6 +59,11 @@ class ConfigError(ValueError):
     """A user mistake in a config file or an override; the message says what and where."""
 
 
+class ReportedError(Exception):
+    """A failure whose message already says everything the user needs (e.g. which worker died,
+    where and why): `run_cli_with_config` prints it without the driver's traceback, status 1."""
+
+
 class LoadedConfig(typing.NamedTuple):
     """The merged config and, for every dotted leaf key, where its value came from."""
 
@@ -418,8 +423,9 @@ def run_cli_with_config(
             resolve paths); raises ConfigError.
 
     A ConfigError (a user mistake), raised while loading, by `check` or by `main`, is printed as
-    one message without a traceback and the process exits with status 2. Any other exception
-    propagates with its traceback: it is a bug, not a mistake in the input.
+    one message without a traceback and the process exits with status 2; a ReportedError (e.g. a
+    worker's failure, which names the worker and the cause) likewise, with status 1. Any other
+    exception propagates with its traceback: it is a bug, not a mistake in the input.
     """
     config_path, overrides = parse_cli(argv, str(default_config), description)
     try:
@@ -430,3 +436,6 @@ def run_cli_with_config(
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ReportedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

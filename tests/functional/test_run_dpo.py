@@ -32,6 +32,7 @@ from tests.unit.malicious import RunsCode
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+CRASH_HARNESS = REPO / "tests" / "functional" / "crash_at_checkpoint.py"
 LN2 = 0.6931471805599453
 TINY = [
     "dpo.max_num_steps=8",
@@ -55,11 +56,15 @@ def dpo_args(out: Path, *overrides: str) -> list[str]:
     ]
 
 
-def run_dpo(
-    env: dict, out: Path, *overrides: str, script: str = "examples/run_dpo.py", cwd: Path = REPO
-):
+def run_dpo(env: dict, out: Path, *overrides: str, crash: str | None = None, cwd: Path = REPO):
+    """examples/run_dpo.py on the tiny settings; with `crash` ("saving", "after_finalize") it
+    dies at step 8's checkpoint (tests/functional/crash_at_checkpoint.py)."""
+    command = [sys.executable, str(REPO / "examples" / "run_dpo.py")]
+    if crash is not None:
+        command = [sys.executable, str(CRASH_HARNESS), "examples/run_dpo.py"]
+        env = {**env, "CRASH_POINT": crash, "CRASH_STEP": "8"}
     return subprocess.run(
-        [sys.executable, str(REPO / script), *dpo_args(out, *overrides)],
+        [*command, *dpo_args(out, *overrides)],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -177,7 +182,7 @@ def test_killed_while_saving_resumes_exactly_from_last_complete_checkpoint(
 ) -> None:
     straight, _ = straight_run
     # The process dies (os._exit, like SIGKILL: no cleanup) in the middle of saving step 8.
-    crashed = run_dpo(ray_head, tmp_path, script="tests/functional/crash_while_saving.py")
+    crashed = run_dpo(ray_head, tmp_path, crash="saving")
     assert crashed.returncode == 137, crashed.stdout + crashed.stderr
     assert (tmp_path / "ckpt" / "tmp_step_8").is_dir()  # the half-written checkpoint
     assert not (tmp_path / "ckpt" / "step_8").exists()
@@ -205,8 +210,7 @@ def test_killed_while_saving_resumes_exactly_from_last_complete_checkpoint(
 
 
 def test_killed_right_after_a_checkpoint_keeps_the_metrics_of_its_step(ray_head, tmp_path) -> None:
-    env = {**ray_head, "CRASH_POINT": "after_finalize"}
-    crashed = run_dpo(env, tmp_path, script="tests/functional/crash_while_saving.py")
+    crashed = run_dpo(ray_head, tmp_path, crash="after_finalize")
     assert crashed.returncode == 137, crashed.stdout + crashed.stderr
     assert is_complete_checkpoint(tmp_path / "ckpt" / "step_8")
     # A resume from step_8 does not redo step 8: its metrics must be in the file already.
@@ -293,18 +297,16 @@ def test_resume_never_starts_a_fresh_folder(ray_head, straight_run, tmp_path) ->
     [
         ("dpo.sft_los_weight=0.1", "did you mean 'dpo.sft_loss_weight'"),
         ("data.train_data_path=assets/tiny_prefs/nope.jsonl", "assets/tiny_prefs/nope.jsonl"),
-        ("policy.model_name=assets/no_such_model", "assets/no_such_model"),
         ("dpo.reference_policy_kl_penalty=-1", "dpo.reference_policy_kl_penalty"),
-        ("policy.attn_implementation=flashy", "policy.attn_implementation='flashy'"),
         ("policy.max_grad_norm=-1", "'policy.max_grad_norm': input should be greater than 0"),
         ("dpo.val_global_batch_size=6", "dpo.val_global_batch_size=6 must split into whole pairs"),
         # Found once Ray is up (the head has 4 CPUs), before any placement group or worker.
         ("cluster.gpus_per_node=8", "8 workers, one CPU each, but the Ray cluster has 4 CPUs"),
-        ("checkpointing.push_to_hub=org/two words", "checkpointing.push_to_hub: 'org/two words'"),
-        ("cluster.worker_env_vars=[RANK]", "cluster.worker_env_vars: 'RANK' is set for each"),
     ],
 )
 def test_bad_input_fails_before_any_worker_starts(ray_head, tmp_path, override, message) -> None:
+    # Each kind of mistake is one line (tests/unit/test_config_checks.py has them all); these
+    # show it end to end: before the imports, after them (the data file) and once Ray is up.
     result = run_dpo(ray_head, tmp_path, override)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
@@ -377,7 +379,9 @@ def test_a_dead_worker_is_what_the_run_reports(ray_head, tmp_path) -> None:
 
 
 def test_a_stopped_worker_times_out_and_is_named(ray_head, tmp_path) -> None:
-    driver = start_dpo(ray_head, tmp_path, "cluster.worker_timeout_s=60")
+    # Long enough for the slowest call before the stop (building the workers, on a loaded
+    # machine), short enough for the suite.
+    driver = start_dpo(ray_head, tmp_path, "cluster.worker_timeout_s=30")
     workers = {}
     try:
         wait_for_first_step(driver, tmp_path)
@@ -386,7 +390,7 @@ def test_a_stopped_worker_times_out_and_is_named(ray_head, tmp_path) -> None:
         os.kill(stopped, signal.SIGSTOP)
         start = time.monotonic()
         assert driver.wait(timeout=300) == 1
-        assert time.monotonic() - start >= 55  # the timeout, not some other failure
+        assert time.monotonic() - start >= 25  # the timeout, not some other failure
     finally:
         driver.kill()
         for pid in workers:
@@ -394,7 +398,7 @@ def test_a_stopped_worker_times_out_and_is_named(ray_head, tmp_path) -> None:
                 os.kill(pid, signal.SIGCONT)
     report = error_report((tmp_path / "stderr.txt").read_text())
     assert len(report) < 20, report
-    assert report[0].startswith("error: ") and "did not answer within 60 s" in report[0]
+    assert report[0].startswith("error: ") and "did not answer within 30 s" in report[0]
     assert any(f"pid {stopped}) on node" in line for line in report[1:]), report
     # The stopped worker is killed with the others, not left behind.
     assert wait_until_gone(workers, timeout_s=60) == {}

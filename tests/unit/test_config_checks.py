@@ -154,6 +154,8 @@ def test_a_config_without_weights_needs_random_init(tmp_path: Path) -> None:
     ):
         check_policy_model(config["policy"])
     check_policy_model(tiny()["policy"])  # random_init: true
+    with pytest.raises(ConfigError, match="policy.model_name: 'assets/no_such_model' looks like"):
+        check_policy_model(tiny("policy.model_name=assets/no_such_model")["policy"])
 
 
 def test_random_init_of_a_hub_model_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:

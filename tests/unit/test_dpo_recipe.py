@@ -9,6 +9,7 @@ import torch
 
 from rl_toolkit.algorithms import dpo
 from rl_toolkit.algorithms.loss_functions import DPOLossFn
+from rl_toolkit.algorithms.utils import save_state_from
 from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.data import build_dataloader, load_preference_dataset, tokenize_preference_dataset
 from rl_toolkit.utils.checkpoint import CheckpointManager
@@ -119,7 +120,9 @@ def run(tmp_path: Path, tiny_data, overrides: dict[str, dict[str, Any]], policy=
         drop_last=True,
     )
     if checkpointer.resume_path is not None:
-        state = dpo._save_state_from(checkpointer.load_training_info(checkpointer.resume_path))
+        state = save_state_from(
+            checkpointer.load_training_info(checkpointer.resume_path), dpo.DPOSaveState
+        )
         train_dl.load_state_dict(torch.load(checkpointer.resume_path / "dataloader_state.pt"))
     val_dl = build_dataloader(
         splits["validation"],

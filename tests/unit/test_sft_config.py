@@ -99,8 +99,8 @@ def test_bad_values_are_one_line_naming_the_key(override: str, expected: str) ->
             "sft.val_global_batch_size=6 must split evenly over 4 workers",
         ),
         (
-            ["policy.sequence_packing.enabled=false", "policy.train_micro_batch_size=3"],
-            "policy.train_micro_batch_size=3 must divide the 16 sequences each of the 2 workers "
+            ["policy.micro_batch={unit: rows, train: 3, logprob: 4}"],
+            "policy.micro_batch.train=3 rows must divide the 16 sequences each of the 2 workers "
             "gets of policy.train_global_batch_size=32",
         ),
         (["policy.optimizer.kwargs.lr=-1"], "policy.optimizer.kwargs.lr must be a number > 0"),
@@ -115,7 +115,7 @@ def test_rules_between_keys_fail_before_any_worker(overrides: list[str], expecte
 def test_odd_batch_sizes_are_fine_for_sft() -> None:
     # No pairs: any whole number of sequences per worker, and with packing any row size.
     check_config(tiny("policy.train_global_batch_size=6", "sft.val_global_batch_size=14"))
-    check_config(tiny("policy.train_micro_batch_size=5", "sft.val_micro_batch_size=3"))
+    check_config(tiny("policy.micro_batch.train=5", "policy.micro_batch.logprob=3"))
 
 
 def test_unwritable_output_folders_fail_at_start(tmp_path: Path) -> None:

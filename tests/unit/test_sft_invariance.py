@@ -11,16 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from rl_toolkit.models.policy.fsdp2_worker import FSDP2PolicyWorker
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from rl_toolkit.algorithms.loss_functions import NLLLossFn
+from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.data import sft_collate_fn
 from rl_toolkit.data.sft import SFTDataset, tokenize_sft_dataset
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.policy.lm_policy import Policy
-from tests.unit.policy_testing import make_config
+from rl_toolkit.models.policy.worker import PolicyWorker
+from tests.conftest import WORKER_TIMEOUT_S
+from tests.unit.policy_testing import make_config, new_worker
 from tests.unit.test_sft_data import data_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +33,7 @@ NUM_STEPS = 3
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
 
-def policy_config(packing: bool, mb_tokens: int = 64) -> dict:
+def policy_config() -> dict:
     # Random weights seeded by policy.seed (the same for any number of workers). Adam moves a
     # weight by about lr whatever its gradient, so a gradient element that is ~0 up to rounding
     # (summed in another order by another split) moves by up to lr: 1e-3 keeps three steps of
@@ -43,11 +45,6 @@ def policy_config(packing: bool, mb_tokens: int = 64) -> dict:
         max_total_sequence_length=64,
         optimizer={"name": "torch.optim.AdamW", "kwargs": {"lr": 1.0e-3, "weight_decay": 0.0}},
     )
-    config["sequence_packing"] = {
-        "enabled": packing,
-        "train_mb_tokens": mb_tokens,
-        "logprob_mb_tokens": mb_tokens,
-    }
     return copy.deepcopy(config)
 
 
@@ -79,9 +76,10 @@ def reference(batches, tmp_path_factory) -> tuple[list[dict], dict, dict]:
     """One in-process worker, each global batch as one micro-batch: the metrics of every step,
     the initial and the final weights."""
     path = tmp_path_factory.mktemp("reference")
-    worker = FSDP2PolicyWorker(config=policy_config(packing=False), tokenizer=tokenizer())
+    worker = new_worker(policy_config())
     worker.export_hf(str(path / "initial"))
-    metrics = [worker.train(batch, NLLLossFn(), mbs=ROWS_PER_STEP) for batch in batches]
+    whole = MicroBatches(packed=False, size=ROWS_PER_STEP)
+    metrics = [worker.train(batch, NLLLossFn(), whole) for batch in batches]
     worker.export_hf(str(path / "final"))
     worker.shutdown()
     initial, final = (load_file(path / name / "model.safetensors") for name in ("initial", "final"))
@@ -89,28 +87,34 @@ def reference(batches, tmp_path_factory) -> tuple[list[dict], dict, dict]:
 
 
 @pytest.mark.parametrize(
-    ("packing", "mb_tokens", "micro_batch_sizes"),
+    "micro_batches",
     [
-        (False, 64, (1, 2, 4)),  # 4 rows a worker: 4, 2 and 1 micro-batches
-        (True, 40, (None,) * 3),  # 1 or 2 sequences a micro-batch, uneven over the workers
+        # 4 rows a worker: 4, 2 and 1 micro-batches
+        [MicroBatches(packed=False, size=size) for size in (1, 2, 4)],
+        # 1 or 2 sequences a micro-batch, uneven over the workers
+        [MicroBatches(packed=True, size=40)] * 3,
     ],
     ids=["2-workers-micro-batches", "2-workers-packed"],
 )
-def test_same_steps_for_any_split(
-    batches, reference, tmp_path, packing, mb_tokens, micro_batch_sizes
-) -> None:
+def test_same_steps_for_any_split(batches, reference, tmp_path, micro_batches) -> None:
     expected_metrics, initial_weights, expected_weights = reference
     cluster = RayVirtualCluster([2], use_gpus=False, name="sft-2w")
     policy = Policy(
-        cluster, policy_config(packing, mb_tokens), tokenizer(), init_reference_model=False
+        cluster,
+        policy_config(),
+        tokenizer(),
+        init_optimizer=True,
+        init_reference_model=False,
+        worker_timeout_s=WORKER_TIMEOUT_S,
+        worker_env_vars=[],
     )
     try:
-        for step, (batch, mbs) in enumerate(zip(batches, micro_batch_sizes, strict=True)):
-            metrics = policy.train(batch, NLLLossFn(), mbs=mbs)
+        for step, (batch, mbs) in enumerate(zip(batches, micro_batches, strict=True)):
+            metrics = policy.train(batch, NLLLossFn(), mbs)
             for key in ("loss", "grad_norm", "num_valid_tokens", "num_valid_samples"):
                 expected = expected_metrics[step][key]
                 assert metrics[key] == pytest.approx(expected, abs=1e-5), f"step {step}: {key}"
-        policy.export_hf(str(tmp_path / "hf"))
+        policy.workers.all(PolicyWorker.export_hf, str(tmp_path / "hf"))
     finally:
         policy.shutdown()
         cluster.shutdown()

@@ -10,6 +10,8 @@ import torch
 
 from rl_toolkit.algorithms import sft
 from rl_toolkit.algorithms.loss_functions import NLLLossFn
+from rl_toolkit.algorithms.utils import save_state_from
+from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.data import build_sft_dataloader
 from rl_toolkit.data.sft import SFTDataset, tokenize_sft_dataset
 from rl_toolkit.utils.checkpoint import CheckpointManager, load_dataloader_state
@@ -26,20 +28,37 @@ def fake_logprobs(data) -> torch.Tensor:
     return -nll[:, None].float().expand(data["input_ids"].shape)  # (B, T)
 
 
+class FakeWorkers:
+    """The workers' side of FakePolicy: a worker method goes to the fake's method of its name."""
+
+    def __init__(self, policy: "FakePolicy") -> None:
+        self.policy = policy
+
+    def all(self, method, *args, **kwargs) -> list:
+        return [getattr(self.policy, method.__name__)(*args, **kwargs)]
+
+
 class FakePolicy:
     """Records what the recipe asks of it; 'trains' by counting steps."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.steps = 0
+        self.workers = FakeWorkers(self)
 
-    def train(self, data, loss_fn, eval_mode=False, gbs=None, mbs=None):
-        assert data.group_size == 1 and (gbs is None or data.size == gbs)
-        if eval_mode:
-            self.calls.append(("eval", data.size))
-        else:
-            self.calls.append(("train", tuple(data["sample_ids"].tolist())))
-            self.steps += 1
+    def train(self, data, loss_fn, micro_batches):
+        assert micro_batches == MicroBatches(packed=True, size=1024)  # policy.micro_batch.train
+        self.calls.append(("train", tuple(data["sample_ids"].tolist())))
+        self.steps += 1
+        return self._metrics(data, loss_fn)
+
+    def evaluate(self, data, loss_fn, micro_batches):
+        assert micro_batches == MicroBatches(packed=True, size=2048)  # .logprob
+        self.calls.append(("eval", data.size))
+        return self._metrics(data, loss_fn)
+
+    def _metrics(self, data, loss_fn):
+        assert data.group_size == 1
         num_tokens = (data["token_mask"] * data["sample_mask"][:, None]).sum()
         _, metrics = loss_fn(fake_logprobs(data), data, data["sample_mask"].sum(), num_tokens)
         # The worker replaces the loss's count by its own global count, the same number.
@@ -51,7 +70,7 @@ class FakePolicy:
         Path(weights_path).mkdir(parents=True)
         (Path(weights_path) / "steps.json").write_text(json.dumps(self.steps))
 
-    def export_hf(self, path):
+    def export_hf(self, path, max_shard_size=None):
         Path(path).mkdir(parents=True)
 
 
@@ -81,7 +100,7 @@ def run(tmp_path: Path, tiny_data, overrides: dict[str, dict[str, Any]]):
     base, tokenizer, splits, task_spec = tiny_data
     config = json.loads(json.dumps(base))
     config["policy"]["train_global_batch_size"] = 4
-    config["sft"].update(val_global_batch_size=4, val_micro_batch_size=2, val_at_start=False)
+    config["sft"].update(val_global_batch_size=4, val_at_start=False)
     config["checkpointing"].update(checkpoint_dir=str(tmp_path / "ckpt"), save_period=100)
     config["logger"].update(log_dir=str(tmp_path / "logs"), tensorboard_enabled=False)
     for section, values in overrides.items():
@@ -97,7 +116,9 @@ def run(tmp_path: Path, tiny_data, overrides: dict[str, dict[str, Any]]):
         for name, shuffle in (("train", True), ("validation", False))
     ]  # fmt: skip
     if checkpointer.resume_path is not None:
-        state = sft._save_state_from(checkpointer.load_training_info(checkpointer.resume_path))
+        state = save_state_from(
+            checkpointer.load_training_info(checkpointer.resume_path), sft.SFTSaveState
+        )
         loaders[0].load_state_dict(load_dataloader_state(checkpointer.resume_path))
     policy = FakePolicy()
     logger = Logger(config["logger"])
