@@ -44,6 +44,7 @@ from harness import (
     main,
     print_result,
     text,
+    trl_common_args,
     trl_step_timer,
 )
 
@@ -220,7 +221,6 @@ def run_trl(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> list[flo
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    on_gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(args["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=torch.float32)
     dataset = Dataset.from_list(
@@ -234,28 +234,14 @@ def run_trl(args: dict[str, Any], pairs: list[dict[str, list[int]]]) -> list[flo
         ]
     )
     config = DPOConfig(
-        output_dir=args["output_dir"],
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=MAX_GRAD_NORM,
+        **trl_common_args(
+            args, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM, seed=SEED
+        ),
         beta=BETA,
         per_device_train_batch_size=args["pairs_per_step"],
-        gradient_accumulation_steps=1,
         max_steps=len(pairs) // args["pairs_per_step"],
         max_length=args["max_length"],
         precompute_ref_log_probs=False,
-        gradient_checkpointing=args["activation_checkpointing"],
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        train_sampling_strategy="sequential",
-        dataloader_num_workers=0,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10**9,
-        seed=SEED,
-        disable_tqdm=True,
     )
     timer = trl_step_timer()
     trainer = DPOTrainer(

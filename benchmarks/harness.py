@@ -107,6 +107,34 @@ def trl_step_timer() -> Any:
     return StepTimer()
 
 
+def trl_common_args(
+    args: dict[str, Any], *, learning_rate: float, max_grad_norm: float, seed: int
+) -> dict[str, Any]:
+    """The TRL trainer arguments both benchmarks use: the same optimiser settings as
+    rl_toolkit's side, a constant rate, rows in order, and nothing but training (no evaluation,
+    saving, logging or progress bar)."""
+    on_gpu = torch.cuda.is_available()
+    return {
+        "output_dir": args["output_dir"],
+        "learning_rate": learning_rate,
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "max_grad_norm": max_grad_norm,
+        "gradient_accumulation_steps": 1,
+        "gradient_checkpointing": args["activation_checkpointing"],
+        "bf16": on_gpu,
+        "use_cpu": not on_gpu,
+        "train_sampling_strategy": "sequential",
+        "dataloader_num_workers": 0,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "logging_steps": 10**9,
+        "seed": seed,
+        "disable_tqdm": True,
+    }
+
+
 def peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20

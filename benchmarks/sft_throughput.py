@@ -38,6 +38,7 @@ from harness import (
     main,
     print_result,
     text,
+    trl_common_args,
     trl_step_timer,
 )
 
@@ -186,7 +187,6 @@ def run_trl(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    on_gpu = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(args["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=torch.float32)
     # TRL appends EOS to the completion text itself.
@@ -197,30 +197,16 @@ def run_trl(
         ]
     )
     config = SFTConfig(
-        output_dir=args["output_dir"],
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=MAX_GRAD_NORM,
+        **trl_common_args(
+            args, learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM, seed=SEED
+        ),
         per_device_train_batch_size=args["rows_per_step"],
-        gradient_accumulation_steps=1,
         max_steps=len(rows) // args["rows_per_step"],
         # Every row fits; TRL enforces no max_length without packing when padding-free.
         max_length=None if padding_free else args["max_length"],
         completion_only_loss=True,
         padding_free=padding_free,
         packing=False,  # the same rows in every step as rl_toolkit's
-        gradient_checkpointing=args["activation_checkpointing"],
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        train_sampling_strategy="sequential",
-        dataloader_num_workers=0,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=10**9,
-        seed=SEED,
-        disable_tqdm=True,
     )
     timer = trl_step_timer()
     trainer = SFTTrainer(

@@ -26,12 +26,10 @@ from rl_toolkit.algorithms.utils import (
     console_metrics,
     log_step,
     log_timing,
-    open_logger,
     open_run_folder,
     push_export_to_hub,
-    restore_loader_and_rng,
+    resume_loader_and_logger,
     save_checkpoint,
-    save_state_from,
     set_seed,
     timed,
 )
@@ -108,20 +106,13 @@ def setup(
     loss_fn = DPOLossFn(dpo_config)
     warn_if_random_init_of_trained_model(policy_config)
 
-    checkpointer, resume_path, training_info = open_run_folder(master_config)
-    dpo_save_state = _default_dpo_save_state()
-    if resume_path is not None:
-        dpo_save_state = save_state_from(training_info, DPOSaveState)  # type: ignore[assignment]
-        print(f"Resuming from {resume_path} (step {dpo_save_state['total_steps']})")
-
+    checkpointer, resume_path, dpo_save_state = open_run_folder(
+        master_config, _default_dpo_save_state(), DPOSaveState
+    )
     train_dataloader, val_dataloader = _build_dataloaders(
         master_config, tokenizer, train_dataset, val_dataset
     )
-    if resume_path is not None:
-        restore_loader_and_rng(resume_path, train_dataloader)
-
-    resume_step = dpo_save_state["total_steps"] if resume_path is not None else None
-    logger = open_logger(master_config["logger"], master_config, resume_step)
+    logger = resume_loader_and_logger(master_config, resume_path, train_dataloader, dpo_save_state)
     cluster = build_cluster(master_config["cluster"], "dpo_policy")
     policy = build_policy(
         cluster,

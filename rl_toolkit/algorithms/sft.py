@@ -29,12 +29,10 @@ from rl_toolkit.algorithms.utils import (
     console_metrics,
     log_step,
     log_timing,
-    open_logger,
     open_run_folder,
     push_export_to_hub,
-    restore_loader_and_rng,
+    resume_loader_and_logger,
     save_checkpoint,
-    save_state_from,
     set_seed,
     timed,
 )
@@ -110,20 +108,13 @@ def setup(
     set_seed(master_config["sft"]["seed"])
     warn_if_random_init_of_trained_model(policy_config)
 
-    checkpointer, resume_path, training_info = open_run_folder(master_config)
-    sft_save_state = _default_sft_save_state()
-    if resume_path is not None:
-        sft_save_state = save_state_from(training_info, SFTSaveState)  # type: ignore[assignment]
-        print(f"Resuming from {resume_path} (step {sft_save_state['total_steps']})")
-
+    checkpointer, resume_path, sft_save_state = open_run_folder(
+        master_config, _default_sft_save_state(), SFTSaveState
+    )
     train_dataloader, val_dataloader = _build_dataloaders(
         master_config, tokenizer, train_dataset, val_dataset
     )
-    if resume_path is not None:
-        restore_loader_and_rng(resume_path, train_dataloader)
-
-    resume_step = sft_save_state["total_steps"] if resume_path is not None else None
-    logger = open_logger(master_config["logger"], master_config, resume_step)
+    logger = resume_loader_and_logger(master_config, resume_path, train_dataloader, sft_save_state)
     cluster = build_cluster(master_config["cluster"], "sft_policy")
     policy = build_policy(
         cluster,

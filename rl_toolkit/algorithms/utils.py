@@ -15,12 +15,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from rl_toolkit.config_schema import (
-    CheckpointingConfig,
-    ClusterConfig,
-    LoggerConfig,
-    PolicyConfig,
-)
+from rl_toolkit.config_schema import CheckpointingConfig, ClusterConfig, PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.policy.lm_policy import Policy
@@ -51,16 +46,21 @@ def set_seed(seed: int) -> None:
 
 
 def open_run_folder(
-    master_config: Mapping[str, Any],
-) -> tuple[CheckpointManager, Path | None, dict[str, Any]]:
-    """The checkpoint manager of this run, the checkpoint to resume from and its training info.
+    master_config: Mapping[str, Any], save_state: dict[str, Any], save_state_type: type
+) -> tuple[CheckpointManager, Path | None, Any]:
+    """The checkpoint manager of this run, the checkpoint to resume from, and the save state.
 
     With resume=never and a used checkpoint_dir the manager picks `<checkpoint_dir>-N`; the logs
     move to `<log_dir>-N` with it. Both are written back into `master_config`, so that the config
     saved in each checkpoint (and a manager built from it) names the run's folders.
 
+    Args:
+        master_config: the recipe's whole config.
+        save_state: the recipe's save state of a fresh run.
+        save_state_type: its TypedDict, whose keys are read from the checkpoint's training info.
+
     Returns:
-        (checkpointer, resume_path or None, training_info of the resume checkpoint or {}).
+        (checkpointer, resume_path or None, the save state to start from).
     """
     checkpointer = CheckpointManager(master_config["checkpointing"])
     configured_dir = Path(master_config["checkpointing"]["checkpoint_dir"])
@@ -69,26 +69,27 @@ def open_run_folder(
     master_config["checkpointing"]["checkpoint_dir"] = str(checkpointer.run_dir)
     resume_path = checkpointer.resume_path
     if resume_path is None:
-        return checkpointer, None, {}
-    return checkpointer, resume_path, checkpointer.load_training_info(resume_path)
+        return checkpointer, None, save_state
+    info = checkpointer.load_training_info(resume_path)
+    save_state = {k: v for k, v in info.items() if k in save_state_type.__annotations__}
+    print(f"Resuming from {resume_path} (step {save_state['total_steps']})")
+    return checkpointer, resume_path, save_state
 
 
-def save_state_from(training_info: Mapping[str, Any], save_state_type: type) -> dict[str, Any]:
-    """The keys of a recipe's save state (a TypedDict) out of a checkpoint's training info."""
-    return {k: v for k, v in training_info.items() if k in save_state_type.__annotations__}
-
-
-def restore_loader_and_rng(resume_path: Path, train_dataloader: StatefulDataLoader) -> None:
-    """Put the training loader and the random generators where the checkpoint left them."""
-    train_dataloader.load_state_dict(load_dataloader_state(resume_path))
-    load_rng_state(resume_path)
-
-
-def open_logger(
-    config: LoggerConfig, master_config: Mapping[str, Any], resume_step: int | None
+def resume_loader_and_logger(
+    master_config: Mapping[str, Any],
+    resume_path: Path | None,
+    train_dataloader: StatefulDataLoader,
+    save_state: Mapping[str, Any],
 ) -> Logger:
-    """The run's logger (lines of steps after `resume_step` dropped: they are redone)."""
-    logger = Logger(config, resume_step=resume_step)
+    """Put the training loader and the random generators where the checkpoint left them (when
+    resuming), and open the run's logger, whose lines of the steps to redo are dropped."""
+    resume_step = None
+    if resume_path is not None:
+        train_dataloader.load_state_dict(load_dataloader_state(resume_path))
+        load_rng_state(resume_path)
+        resume_step = save_state["total_steps"]
+    logger = Logger(master_config["logger"], resume_step=resume_step)
     logger.log_hyperparams(master_config)
     return logger
 

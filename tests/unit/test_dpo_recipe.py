@@ -9,7 +9,7 @@ import torch
 
 from rl_toolkit.algorithms import dpo
 from rl_toolkit.algorithms.loss_functions import DPOLossFn
-from rl_toolkit.algorithms.utils import save_state_from
+from rl_toolkit.algorithms.utils import open_run_folder
 from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.data import build_dataloader, load_preference_dataset, tokenize_preference_dataset
 from rl_toolkit.utils.checkpoint import CheckpointManager
@@ -108,8 +108,9 @@ def run(tmp_path: Path, tiny_data, overrides: dict[str, dict[str, Any]], policy=
     for section, values in overrides.items():
         config[section].update(values)
 
-    checkpointer = CheckpointManager(config["checkpointing"])
-    state = dpo._default_dpo_save_state()
+    checkpointer, resume_path, state = open_run_folder(
+        config, dpo._default_dpo_save_state(), dpo.DPOSaveState
+    )
     train_dl = build_dataloader(
         splits["train"],
         tokenizer,
@@ -119,11 +120,8 @@ def run(tmp_path: Path, tiny_data, overrides: dict[str, dict[str, Any]], policy=
         seed=1,
         drop_last=True,
     )
-    if checkpointer.resume_path is not None:
-        state = save_state_from(
-            checkpointer.load_training_info(checkpointer.resume_path), dpo.DPOSaveState
-        )
-        train_dl.load_state_dict(torch.load(checkpointer.resume_path / "dataloader_state.pt"))
+    if resume_path is not None:
+        train_dl.load_state_dict(torch.load(resume_path / "dataloader_state.pt"))
     val_dl = build_dataloader(
         splits["validation"],
         tokenizer,

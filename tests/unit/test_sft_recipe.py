@@ -10,11 +10,11 @@ import torch
 
 from rl_toolkit.algorithms import sft
 from rl_toolkit.algorithms.loss_functions import NLLLossFn
-from rl_toolkit.algorithms.utils import save_state_from
+from rl_toolkit.algorithms.utils import open_run_folder
 from rl_toolkit.config_schema import MicroBatches
 from rl_toolkit.data import build_sft_dataloader
 from rl_toolkit.data.sft import SFTDataset, tokenize_sft_dataset
-from rl_toolkit.utils.checkpoint import CheckpointManager, load_dataloader_state
+from rl_toolkit.utils.checkpoint import load_dataloader_state
 from rl_toolkit.utils.config import load_config
 from rl_toolkit.utils.hf import get_tokenizer
 from rl_toolkit.utils.logger import Logger, read_metrics
@@ -106,8 +106,9 @@ def run(tmp_path: Path, tiny_data, overrides: dict[str, dict[str, Any]]):
     for section, values in overrides.items():
         config[section].update(values)
 
-    checkpointer = CheckpointManager(config["checkpointing"])
-    state = sft._default_sft_save_state()
+    checkpointer, resume_path, state = open_run_folder(
+        config, sft._default_sft_save_state(), sft.SFTSaveState
+    )
     loaders = [
         build_sft_dataloader(
             splits[name], tokenizer, config["data"], batch_size=4, shuffle=shuffle, seed=1,
@@ -115,11 +116,8 @@ def run(tmp_path: Path, tiny_data, overrides: dict[str, dict[str, Any]]):
         )
         for name, shuffle in (("train", True), ("validation", False))
     ]  # fmt: skip
-    if checkpointer.resume_path is not None:
-        state = save_state_from(
-            checkpointer.load_training_info(checkpointer.resume_path), sft.SFTSaveState
-        )
-        loaders[0].load_state_dict(load_dataloader_state(checkpointer.resume_path))
+    if resume_path is not None:
+        loaders[0].load_state_dict(load_dataloader_state(resume_path))
     policy = FakePolicy()
     logger = Logger(config["logger"])
     final = sft.sft_train(
