@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
-import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from rl_toolkit.algorithms.loss_functions import NLLLossFn
@@ -41,6 +40,7 @@ from rl_toolkit.algorithms.utils import (
 from rl_toolkit.config_schema import MicroBatches, SFTMasterConfig, check_sft_config, micro_batches
 from rl_toolkit.config_schema import SFTConfig as SFTConfig  # NeMo RL's import path
 from rl_toolkit.data import TaskDataSpec, build_sft_dataloader, pad_batch_to
+from rl_toolkit.data.sft import SFTSequenceDataset
 from rl_toolkit.distributed.virtual_cluster import (
     RayVirtualCluster,
     check_cluster_fits,
@@ -81,8 +81,8 @@ def _default_sft_save_state() -> SFTSaveState:
 def setup(
     master_config: MasterConfig,
     tokenizer: Any,
-    train_dataset: torch.utils.data.Dataset,
-    val_dataset: torch.utils.data.Dataset,
+    train_dataset: SFTSequenceDataset,
+    val_dataset: SFTSequenceDataset,
 ) -> tuple[
     Policy,
     RayVirtualCluster,
@@ -113,7 +113,7 @@ def setup(
     checkpointer, resume_path, training_info = open_run_folder(master_config)
     sft_save_state = _default_sft_save_state()
     if resume_path is not None:
-        sft_save_state = save_state_from(training_info, SFTSaveState)  # type: ignore[assignment]
+        sft_save_state = save_state_from(training_info, SFTSaveState)
         print(f"Resuming from {resume_path} (step {sft_save_state['total_steps']})")
 
     train_dataloader, val_dataloader = _build_dataloaders(
@@ -150,8 +150,8 @@ def setup(
 def _build_dataloaders(
     master_config: MasterConfig,
     tokenizer: Any,
-    train_dataset: torch.utils.data.Dataset,
-    val_dataset: torch.utils.data.Dataset,
+    train_dataset: SFTSequenceDataset,
+    val_dataset: SFTSequenceDataset,
 ) -> tuple[StatefulDataLoader, StatefulDataLoader]:
     """Training batches: shuffled, whole; validation batches: in order, the last one partial."""
     data_config, seed = master_config["data"], master_config["sft"]["seed"]

@@ -8,7 +8,7 @@ runtime; nothing here decides anything about an algorithm.
 import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from rl_toolkit.utils.config import save_config
 from rl_toolkit.utils.hf_export import parse_shard_size, push_to_hub
 from rl_toolkit.utils.logger import Logger
 from rl_toolkit.utils.timer import Timer, tokens_per_second
+
+SaveStateT = TypeVar("SaveStateT")  # a recipe's save state, a TypedDict
 
 
 def set_seed(seed: int) -> None:
@@ -73,9 +75,13 @@ def open_run_folder(
     return checkpointer, resume_path, checkpointer.load_training_info(resume_path)
 
 
-def save_state_from(training_info: Mapping[str, Any], save_state_type: type) -> dict[str, Any]:
+def save_state_from(
+    training_info: Mapping[str, Any], save_state_type: type[SaveStateT]
+) -> SaveStateT:
     """The keys of a recipe's save state (a TypedDict) out of a checkpoint's training info."""
-    return {k: v for k, v in training_info.items() if k in save_state_type.__annotations__}
+    # The training info is what the same recipe saved from such a state (checkpoint.finalize).
+    state = {k: v for k, v in training_info.items() if k in save_state_type.__annotations__}
+    return cast(SaveStateT, state)
 
 
 def restore_loader_and_rng(resume_path: Path, train_dataloader: StatefulDataLoader) -> None:
@@ -174,8 +180,10 @@ def save_checkpoint(
 
 def push_export_to_hub(checkpoint: Path, config: CheckpointingConfig) -> None:
     """Upload the checkpoint's HF export to `checkpointing.push_to_hub` (the run's last one)."""
-    print(f"Uploading {checkpoint / 'hf'} to the Hugging Face Hub repo {config['push_to_hub']}")
-    url = push_to_hub(checkpoint / "hf", config["push_to_hub"], private=config["hub_private"])
+    repo_id = config["push_to_hub"]
+    assert repo_id is not None, "called only when checkpointing.push_to_hub is set"
+    print(f"Uploading {checkpoint / 'hf'} to the Hugging Face Hub repo {repo_id}")
+    url = push_to_hub(checkpoint / "hf", repo_id, private=config["hub_private"])
     print(f"Uploaded: {url}")
 
 
