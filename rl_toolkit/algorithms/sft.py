@@ -283,7 +283,7 @@ def sft_train(
                 metrics = policy.train(batch, loss_fn, train_mbs)
             state["step"] += 1
             state["total_steps"] += 1
-            state["consumed_samples"] += metrics["num_valid_samples"]
+            state["consumed_samples"] += int(metrics["num_valid_samples"])
             if state["step"] == steps_per_epoch:
                 state["epoch"], state["step"] = state["epoch"] + 1, 0
 
