@@ -412,7 +412,7 @@ def check_master_config(config: MasterConfig) -> None:
     Raises:
         ConfigError: one line naming the key, its value and what would be right.
     """
-    _check_batch_sizes(config, "dpo", group_size=2)
+    _check_batch_sizes(config, "dpo", config["dpo"], group_size=2)
     _check_lr(config["policy"])
     if config["dpo"]["sync_ref_model"] and config["dpo"]["reference_free"]:
         raise ConfigError(
@@ -429,7 +429,7 @@ def check_sft_config(config: SFTMasterConfig) -> None:
     Raises:
         ConfigError: one line naming the key, its value and what would be right.
     """
-    _check_batch_sizes(config, "sft", group_size=1)
+    _check_batch_sizes(config, "sft", config["sft"], group_size=1)
     _check_lr(config["policy"])
     _check_output_dirs(config)
 
@@ -454,18 +454,23 @@ def num_workers(cluster: ClusterConfig) -> int:
 
 
 def _check_batch_sizes(
-    config: MasterConfig | SFTMasterConfig, algorithm: Literal["dpo", "sft"], *, group_size: int
+    config: MasterConfig | SFTMasterConfig,
+    algorithm: Literal["dpo", "sft"],
+    section: DPOConfig | SFTConfig,
+    *,
+    group_size: int,
 ) -> None:
     """Global batches split into whole groups per worker; row micro-batches into whole groups.
 
     A group is the rows that stay together: 2 for a preference pair, 1 for an SFT sequence.
+    ``section`` is ``config[algorithm]``, the section holding ``val_global_batch_size``.
     """
     policy, micro_batch = config["policy"], config["policy"]["micro_batch"]
     workers = num_workers(config["cluster"])
     whole = " into whole pairs (2 sequences each)" if group_size == 2 else " evenly"
     for gbs_key, gbs, purpose in (
         ("policy.train_global_batch_size", policy["train_global_batch_size"], "train"),
-        (f"{algorithm}.val_global_batch_size", config[algorithm]["val_global_batch_size"], "logprob"),
+        (f"{algorithm}.val_global_batch_size", section["val_global_batch_size"], "logprob"),
     ):  # fmt: skip
         if gbs % (group_size * workers):
             raise ConfigError(

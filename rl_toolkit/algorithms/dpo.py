@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, NotRequired, TypedDict
 
-import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from rl_toolkit.algorithms.loss_functions import DPOLossFn, validate_dpo_loss_config
@@ -40,7 +39,7 @@ from rl_toolkit.config_schema import (
     check_master_config,
     micro_batches,
 )
-from rl_toolkit.data import TaskDataSpec, build_dataloader, pad_batch_to
+from rl_toolkit.data import PreferencePairDataset, TaskDataSpec, build_dataloader, pad_batch_to
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import (
     RayVirtualCluster,
@@ -81,8 +80,8 @@ def _default_dpo_save_state() -> DPOSaveState:
 def setup(
     master_config: MasterConfig,
     tokenizer: Any,
-    train_dataset: torch.utils.data.Dataset,
-    val_dataset: torch.utils.data.Dataset,
+    train_dataset: PreferencePairDataset,
+    val_dataset: PreferencePairDataset,
 ) -> tuple[
     Policy,
     RayVirtualCluster,
@@ -91,7 +90,7 @@ def setup(
     DPOLossFn,
     MasterConfig,
     Logger,
-    TaskDataSpec,
+    TaskDataSpec | None,
     DPOSaveState,
 ]:
     """Build everything `dpo_train` needs, resuming from the last checkpoint when asked.
@@ -147,8 +146,8 @@ def _reference_cache(dpo_config: DPOConfig) -> ReferenceLogprobCache | None:
 def _build_dataloaders(
     master_config: MasterConfig,
     tokenizer: Any,
-    train_dataset: torch.utils.data.Dataset,
-    val_dataset: torch.utils.data.Dataset,
+    train_dataset: PreferencePairDataset,
+    val_dataset: PreferencePairDataset,
 ) -> tuple[StatefulDataLoader, StatefulDataLoader]:
     """Training batches: shuffled, whole; validation batches: in order, the last one partial."""
     data_config, seed = master_config["data"], master_config["dpo"]["seed"]
@@ -235,7 +234,7 @@ def validate(
     means, so they are weighted by the batch's number of valid pairs.
     """
     totals: dict[str, float] = {}
-    num_pairs = 0
+    num_pairs: float = 0
     batches = add_ref_logprobs_to_data(val_dataloader, policy, master_config, is_val=True)
     for i, batch in enumerate(batches):
         if val_batches > 0 and i >= val_batches:
@@ -303,7 +302,7 @@ def dpo_train(
                 metrics = policy.train(batch, loss_fn, train_mbs)
             state["step"] += 1
             state["total_steps"] += 1
-            state["consumed_samples"] += metrics["num_valid_samples"]
+            state["consumed_samples"] += int(metrics["num_valid_samples"])
             if state["step"] == steps_per_epoch:
                 state["epoch"], state["step"] = state["epoch"] + 1, 0
             _maybe_sync_reference(policy, dpo_config, state["total_steps"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
-import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from rl_toolkit.algorithms.loss_functions import NLLLossFn
@@ -39,6 +38,7 @@ from rl_toolkit.algorithms.utils import (
 from rl_toolkit.config_schema import MicroBatches, SFTMasterConfig, check_sft_config, micro_batches
 from rl_toolkit.config_schema import SFTConfig as SFTConfig  # NeMo RL's import path
 from rl_toolkit.data import TaskDataSpec, build_sft_dataloader, pad_batch_to
+from rl_toolkit.data.sft import SFTSequenceDataset
 from rl_toolkit.distributed.virtual_cluster import (
     RayVirtualCluster,
     check_cluster_fits,
@@ -79,8 +79,8 @@ def _default_sft_save_state() -> SFTSaveState:
 def setup(
     master_config: MasterConfig,
     tokenizer: Any,
-    train_dataset: torch.utils.data.Dataset,
-    val_dataset: torch.utils.data.Dataset,
+    train_dataset: SFTSequenceDataset,
+    val_dataset: SFTSequenceDataset,
 ) -> tuple[
     Policy,
     RayVirtualCluster,
@@ -141,8 +141,8 @@ def setup(
 def _build_dataloaders(
     master_config: MasterConfig,
     tokenizer: Any,
-    train_dataset: torch.utils.data.Dataset,
-    val_dataset: torch.utils.data.Dataset,
+    train_dataset: SFTSequenceDataset,
+    val_dataset: SFTSequenceDataset,
 ) -> tuple[StatefulDataLoader, StatefulDataLoader]:
     """Training batches: shuffled, whole; validation batches: in order, the last one partial."""
     data_config, seed = master_config["data"], master_config["sft"]["seed"]
@@ -274,7 +274,7 @@ def sft_train(
                 metrics = policy.train(batch, loss_fn, train_mbs)
             state["step"] += 1
             state["total_steps"] += 1
-            state["consumed_samples"] += metrics["num_valid_samples"]
+            state["consumed_samples"] += int(metrics["num_valid_samples"])
             if state["step"] == steps_per_epoch:
                 state["epoch"], state["step"] = state["epoch"] + 1, 0
 

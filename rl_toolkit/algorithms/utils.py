@@ -8,7 +8,7 @@ runtime; nothing here decides anything about an algorithm.
 import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from rl_toolkit.utils.hf_export import parse_shard_size, push_to_hub
 from rl_toolkit.utils.logger import Logger
 from rl_toolkit.utils.timer import Timer, tokens_per_second
 
+SaveStateT = TypeVar("SaveStateT")  # a recipe's save state, a TypedDict
+
 
 def set_seed(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global random number generators."""
@@ -46,8 +48,8 @@ def set_seed(seed: int) -> None:
 
 
 def open_run_folder(
-    master_config: Mapping[str, Any], save_state: dict[str, Any], save_state_type: type
-) -> tuple[CheckpointManager, Path | None, Any]:
+    master_config: Mapping[str, Any], save_state: SaveStateT, save_state_type: type[SaveStateT]
+) -> tuple[CheckpointManager, Path | None, SaveStateT]:
     """The checkpoint manager of this run, the checkpoint to resume from, and the save state.
 
     With resume=never and a used checkpoint_dir the manager picks `<checkpoint_dir>-N`; the logs
@@ -71,9 +73,10 @@ def open_run_folder(
     if resume_path is None:
         return checkpointer, None, save_state
     info = checkpointer.load_training_info(resume_path)
-    save_state = {k: v for k, v in info.items() if k in save_state_type.__annotations__}
-    print(f"Resuming from {resume_path} (step {save_state['total_steps']})")
-    return checkpointer, resume_path, save_state
+    # The training info is what the same recipe saved from such a state (checkpoint.finalize).
+    state = {k: v for k, v in info.items() if k in save_state_type.__annotations__}
+    print(f"Resuming from {resume_path} (step {state['total_steps']})")
+    return checkpointer, resume_path, cast(SaveStateT, state)
 
 
 def resume_loader_and_logger(
@@ -175,8 +178,10 @@ def save_checkpoint(
 
 def push_export_to_hub(checkpoint: Path, config: CheckpointingConfig) -> None:
     """Upload the checkpoint's HF export to `checkpointing.push_to_hub` (the run's last one)."""
-    print(f"Uploading {checkpoint / 'hf'} to the Hugging Face Hub repo {config['push_to_hub']}")
-    url = push_to_hub(checkpoint / "hf", config["push_to_hub"], private=config["hub_private"])
+    repo_id = config["push_to_hub"]
+    assert repo_id is not None, "called only when checkpointing.push_to_hub is set"
+    print(f"Uploading {checkpoint / 'hf'} to the Hugging Face Hub repo {repo_id}")
+    url = push_to_hub(checkpoint / "hf", repo_id, private=config["hub_private"])
     print(f"Uploaded: {url}")
 
 

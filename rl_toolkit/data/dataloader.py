@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from rl_toolkit.config_schema import DataConfig, SFTDataConfig
 from rl_toolkit.data.collate import preference_collate_fn, sft_collate_fn
 from rl_toolkit.data.datasets import PreferencePairDataset
+from rl_toolkit.data.sft.dataset import SFTSequenceDataset
 
 
 class SeededShuffleSampler(torch.utils.data.Sampler[int]):
@@ -123,7 +124,7 @@ def build_dataloader(
 
 
 def build_sft_dataloader(
-    dataset: torch.utils.data.Dataset,
+    dataset: SFTSequenceDataset,
     tokenizer: PreTrainedTokenizerBase,
     data_config: SFTDataConfig,
     *,
@@ -162,7 +163,7 @@ def build_sft_dataloader(
 
 
 def _stateful_loader(
-    dataset: torch.utils.data.Dataset,
+    dataset: PreferencePairDataset | SFTSequenceDataset,
     collate_fn: Callable[..., Any],
     tokenizer: PreTrainedTokenizerBase,
     data_config: DataConfig | SFTDataConfig,

@@ -8,7 +8,7 @@ dropped / truncated pairs are known before training starts), and applies the len
 import importlib
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import torch
@@ -155,7 +155,7 @@ def _tokenize_row(
     *,
     tokenizer: PreTrainedTokenizerBase,
     max_total_sequence_length: int,
-    overlong_policy: str,
+    overlong_policy: Literal["drop", "truncate_prompt"],  # PreferencePairDataset checked it
     source: str,
 ) -> dict[str, Any]:
     """Tokenise one formatted row and fit it to the length policy (used in and out of workers).

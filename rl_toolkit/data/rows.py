@@ -223,6 +223,7 @@ def extract_pair(
                 f"{where}: missing key {key!r}; the row has keys {sorted(record)}"
             )
     chosen, rejected = record[chosen_key], record[rejected_key]
+    prompt: Text
     if prompt_key is None:
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
     else:

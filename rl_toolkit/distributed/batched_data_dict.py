@@ -80,7 +80,7 @@ class BatchedDataDict(dict, Generic[KeysT]):
         """
         index_list = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
         self._check_group_aligned("the number of selected indices", len(index_list))
-        selected = {}
+        selected: dict[str, Any] = {}
         for key, value in self.items():
             if isinstance(value, torch.Tensor):
                 selected[key] = value[torch.tensor(index_list, dtype=torch.long)]
@@ -172,7 +172,7 @@ class BatchedDataDict(dict, Generic[KeysT]):
                     f"{group_size} and keys {sorted(keys)} like batch 0"
                 )
         pad_values = pad_value_dict or {}
-        merged = {}
+        merged: dict[str, Any] = {}
         for key in keys:
             values = [batch[key] for batch in batches]
             if isinstance(values[0], torch.Tensor):

@@ -86,7 +86,8 @@ def worker_env(extra_names: Sequence[str]) -> WorkerEnv:
             CUDA_VISIBLE_DEVICES, ...).
     """
     check_worker_env_vars(extra_names)
-    plain, credentials = {}, {}
+    plain: dict[str, str] = {}
+    credentials: dict[str, str] = {}
     for name, value in os.environ.items():
         if name in extra_names or _is_worker_var(name):
             target = credentials if _CREDENTIAL_NAME.search(name) else plain

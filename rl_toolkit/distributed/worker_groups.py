@@ -122,6 +122,9 @@ class _WorkerActor:
         return getattr(self.worker, method)(*args, **kwargs)
 
 
+# Ray types the handle `.remote()` returns as "the handle or the class" (ray.actor.ActorProxy):
+# a method then has no `.remote` (typed for @ray.method ones only) and ray.kill refuses it; the
+# `type: ignore`s on those calls below are for that alone.
 _RemoteWorkerActor = ray.remote(_WorkerActor)
 
 
@@ -208,7 +211,7 @@ class RayWorkerGroup(Generic[W]):
     ) -> None:
         started = self.get_results(
             [
-                WorkerFuture(rank, "__init__", actor.pid_and_free_port.remote())
+                WorkerFuture(rank, "__init__", actor.pid_and_free_port.remote())  # type: ignore[attr-defined]
                 for rank, actor in enumerate(self._actors)
             ]
         )
@@ -220,7 +223,7 @@ class RayWorkerGroup(Generic[W]):
             WorkerFuture(
                 rank,
                 "__init__",
-                actor.build_worker.remote(*build_args, {**credentials, **env}, num_threads),
+                actor.build_worker.remote(*build_args, {**credentials, **env}, num_threads),  # type: ignore[attr-defined]
             )
             for rank, (actor, env) in enumerate(zip(self._actors, envs, strict=True))
         ]
@@ -254,7 +257,8 @@ class RayWorkerGroup(Generic[W]):
 
     def _call(self, rank: int, method: str, args: tuple, kwargs: dict[str, Any]) -> WorkerFuture:
         assert self._actors, "the worker group has been shut down"
-        return WorkerFuture(rank, method, self._actors[rank].call.remote(method, args, kwargs))
+        ref = self._actors[rank].call.remote(method, args, kwargs)  # type: ignore[attr-defined]
+        return WorkerFuture(rank, method, ref)
 
     def all_async(
         self, method: Callable[Concatenate[W, P], R], *args: P.args, **kwargs: P.kwargs
@@ -326,8 +330,11 @@ class RayWorkerGroup(Generic[W]):
 
     def _wait(self, futures: list[WorkerFuture]) -> list[Any]:
         by_ref = {future.ref: future for future in futures}
-        values, failures, pending = {}, [], list(by_ref)
+        values: dict[ray.ObjectRef, Any] = {}
+        failures: list[tuple[WorkerFuture, ray.exceptions.RayError]] = []
+        pending = list(by_ref)
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        timeout: float | None
         while pending:
             if failures:
                 timeout = FAILURE_GRACE_S
@@ -386,7 +393,7 @@ class RayWorkerGroup(Generic[W]):
     def shutdown(self) -> None:
         """Kill the workers (idempotent); their bundles stay reserved in the cluster."""
         for actor in self._actors:
-            ray.kill(actor, no_restart=True)
+            ray.kill(actor, no_restart=True)  # type: ignore[arg-type]
         self._actors = []
 
 

@@ -92,6 +92,7 @@ def varlen_attention_forward(
     if cu_seq_lens_q is None:
         out = _causal_attention(query, key, value, scaling, gqa, window)
     elif (options := _flash_options(query, window, max_length_q, gqa)) is not None:
+        assert max_length_q is not None, "_flash_options checked it"
         out = _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, options)
         return out, None
     else:
@@ -170,7 +171,9 @@ def _varlen_kernel() -> tuple[Callable[..., torch.Tensor] | None, frozenset[str]
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None, frozenset()
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+    params = frozenset(inspect.signature(varlen_attn).parameters)
+    # PyTorch types its result Tensor | tuple: the tuple comes with return_aux only, never passed.
+    return varlen_attn, params  # type: ignore[return-value]
 
 
 def flash_varlen_options(
@@ -186,10 +189,11 @@ def flash_varlen_options(
         version without ``enable_gqa``; None when this version cannot compute the attention
         (a sliding window that matters, without ``window_size``).
     """
-    windowed = window is not None and max_length > window
+    if window is not None and max_length <= window:
+        window = None  # no sequence is longer than the window: plain causal attention
     if "window_size" in params:
-        options: dict[str, Any] = {"window_size": (window - 1, 0) if windowed else (-1, 0)}
-    elif "is_causal" in params and not windowed:
+        options: dict[str, Any] = {"window_size": (-1, 0) if window is None else (window - 1, 0)}
+    elif "is_causal" in params and window is None:
         options = {"is_causal": True}
     else:
         return None
@@ -211,6 +215,7 @@ def _flash_varlen(
     """``varlen_attn`` over a packed row, ``[1, H, L, D]`` in, ``[1, L, Hq, D]`` out."""
     assert query.shape[0] == 1, "a packed row is a batch of one"
     varlen_attn, _ = _varlen_kernel()
+    assert varlen_attn is not None, "_flash_options checked it"
     keywords, repeat_kv = options
     if repeat_kv:
         groups = query.shape[1] // key.shape[1]

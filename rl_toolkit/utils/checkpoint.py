@@ -68,6 +68,12 @@ def is_complete_checkpoint(path: Path) -> bool:
     )
 
 
+def _step_of(checkpoint: Path) -> int:
+    match = _STEP_RE.match(checkpoint.name)
+    assert match is not None, f"{checkpoint} is not a step_N folder (is_complete_checkpoint)"
+    return int(match.group(1))
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run folder.
 
@@ -82,7 +88,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in run_dir.iterdir():
         if path.is_dir() and is_complete_checkpoint(path):
-            found.append((int(_STEP_RE.match(path.name).group(1)), path))
+            found.append((_step_of(path), path))
     return sorted(found)
 
 
@@ -354,7 +360,7 @@ class CheckpointManager:
                 f"checkpointing.resume: {path} is not a complete checkpoint (expected a step_N "
                 f"folder holding {TRAINING_INFO_FILE}); use 'auto', 'never' or such a folder"
             )
-        step = int(_STEP_RE.match(path.name).group(1))
+        step = _step_of(path)
         later = [p.name for s, p in list_checkpoints(self.run_dir) if s > step]
         if later:
             # Saving new steps next to later ones would let retention and "auto" mix two runs.
@@ -517,7 +523,9 @@ def save_rng_state(directory: Path) -> None:
     Writes `directory/rng_state.pt`; every value is a tensor, list or number, so it loads
     with `torch.load(weights_only=True)`.
     """
-    np_state = np.random.get_state()
+    # legacy=True is the default; numpy's stub types the call without it as returning a dict.
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple), "the global RandomState is an MT19937: a legacy tuple"
     state = {
         "python": random.getstate(),
         "numpy": {

@@ -22,7 +22,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NotRequired, Required, Union
+from typing import Annotated, Any, Literal, NotRequired, Protocol, Required, TypeGuard, Union, cast
 
 import pydantic
 import typing_extensions
@@ -55,6 +55,12 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+class TypedDictClass(Protocol):
+    """A TypedDict class used as a schema: its annotations and which of its keys are required."""
+
+    __required_keys__: frozenset[str]
+
+
 class ConfigError(ValueError):
     """A user mistake in a config file or an override; the message says what and where."""
 
@@ -72,7 +78,9 @@ class LoadedConfig(typing.NamedTuple):
 
 
 def load_config(
-    path: str | os.PathLike, overrides: Sequence[str] = (), schema: type | None = None
+    path: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    schema: TypedDictClass | None = None,
 ) -> dict[str, Any]:
     """Load a YAML config with its `defaults:` parents, apply overrides, validate, resolve.
 
@@ -223,7 +231,8 @@ def apply_override(loaded: LoadedConfig, override: str) -> None:
 
 def _resolve_interpolations(values: dict[str, Any]) -> dict[str, Any]:
     try:
-        return OmegaConf.to_container(OmegaConf.create(values), resolve=True)
+        # A dict of str keys in, the same out (OmegaConf types it as any container).
+        return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.create(values), resolve=True))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"Cannot resolve interpolation at {key!r}: {e.msg}") from None
@@ -233,7 +242,9 @@ def _resolve_interpolations(values: dict[str, Any]) -> dict[str, Any]:
 # Validation against TypedDict schemas
 
 
-def validate_config(values: Mapping[str, Any], schema: type, sources: Mapping[str, str]) -> None:
+def validate_config(
+    values: Mapping[str, Any], schema: TypedDictClass, sources: Mapping[str, str]
+) -> None:
     """Check `values` against the TypedDict `schema`; raise one ConfigError listing every problem.
 
     Unknown keys (with the closest valid names), missing required keys and values of the wrong
@@ -261,7 +272,7 @@ def _where(dotted: str, sources: Mapping[str, str]) -> str:
 
 
 def _check_typed_dict(
-    values: Any, schema: type, prefix: str, sources: Mapping[str, str], errors: list[str]
+    values: Any, schema: TypedDictClass, prefix: str, sources: Mapping[str, str], errors: list[str]
 ) -> None:
     name = prefix.rstrip(".") or "the config"
     if not isinstance(values, Mapping):
@@ -341,7 +352,7 @@ def _union_members(tp: Any) -> tuple[Any, ...]:
     return (tp,)
 
 
-def _is_typed_dict(tp: Any) -> bool:
+def _is_typed_dict(tp: Any) -> TypeGuard[TypedDictClass]:
     return isinstance(tp, type) and typing_extensions.is_typeddict(tp)
 
 
@@ -407,7 +418,7 @@ def run_cli_with_config(
     argv: Sequence[str] | None,
     default_config: str | os.PathLike,
     description: str,
-    schema: type,
+    schema: TypedDictClass,
     *,
     check: typing.Callable[[Any], None] | None = None,
 ) -> Any:

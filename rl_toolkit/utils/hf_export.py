@@ -104,7 +104,7 @@ def load_generation_config(model_name: str, hf_config: PretrainedConfig) -> Gene
 
 
 def save_hf_model(
-    path: str | os.PathLike,
+    path: str | Path,
     *,
     state_dict: dict[str, torch.Tensor],
     tied_names: list[str],

@@ -176,6 +176,7 @@ class Logger:
         if self._progress is None:
             self._print(f"step {step}/{self._total_steps} | {text}")
             return
+        assert self._task is not None, "start_progress sets both"
         self._progress.update(self._task, completed=step, metrics=text)
 
     def close(self) -> None:

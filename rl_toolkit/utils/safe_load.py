@@ -152,7 +152,7 @@ def load_weights_only(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path}: cannot be loaded as plain data ({_one_line(e)})") from None
 
 
-def _one_line(error: Exception) -> str:
+def _one_line(error: BaseException) -> str:
     """What was wrong, in one line, from a possibly long multi-paragraph error."""
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", str(error)) if p.strip()]
     if not paragraphs:

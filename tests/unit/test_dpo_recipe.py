@@ -59,7 +59,8 @@ class FakePolicy:
         logprobs = torch.zeros(data["input_ids"].shape)
         num_seqs = data["sample_mask"].sum()
         _, metrics = loss_fn(logprobs, data, num_seqs, (data["token_mask"].sum()))
-        return {**metrics, "global_num_tokens": int(data["input_lengths"].sum()), "lr": 0.1}
+        metrics = {**metrics, "global_num_tokens": int(data["input_lengths"].sum()), "lr": 0.1}
+        return {key: float(value) for key, value in metrics.items()}  # as the workers' all-reduce
 
     def update_reference_model(self, mixup_alpha):
         self.calls.append(("sync", self.steps))
@@ -165,6 +166,7 @@ def test_stops_at_max_num_steps(tmp_path, tiny_data) -> None:
         "consumed_samples": 16,
         "val_loss": pytest.approx(0.6931, abs=1e-4),
     }
+    assert type(state["consumed_samples"]) is int  # a count, though the metrics are floats
 
 
 def test_stops_at_max_num_epochs(tmp_path, tiny_data) -> None:

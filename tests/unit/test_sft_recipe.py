@@ -63,7 +63,8 @@ class FakePolicy:
         _, metrics = loss_fn(fake_logprobs(data), data, data["sample_mask"].sum(), num_tokens)
         # The worker replaces the loss's count by its own global count, the same number.
         metrics["num_valid_tokens"] = float(num_tokens)
-        return {**metrics, "global_num_tokens": int(data["input_lengths"].sum()), "lr": 0.1}
+        metrics = {**metrics, "global_num_tokens": int(data["input_lengths"].sum()), "lr": 0.1}
+        return {key: float(value) for key, value in metrics.items()}  # as the workers' all-reduce
 
     def save_checkpoint(self, weights_path, optimizer_path=None, tokenizer_path=None):
         self.calls.append(("save", self.steps))
@@ -147,6 +148,7 @@ def test_stops_at_max_num_steps(tmp_path, tiny_data) -> None:
         "consumed_samples": 16,
         "val_loss": pytest.approx(expected_val_loss(tiny_data), abs=1e-6),
     }
+    assert type(state["consumed_samples"]) is int  # a count, though the metrics are floats
 
 
 def test_stops_at_max_num_epochs(tmp_path, tiny_data) -> None:

@@ -30,12 +30,18 @@ class BinaryPreferenceDataset:
         train_split: str | None,
         val_split: str | None,
     ) -> None:
-        keys = {"prompt_key": prompt_key, "chosen_key": chosen_key, "rejected_key": rejected_key}
         self.formatted_ds = {}
         for name, path, split in (
             ("train", train_data_path, train_split),
             ("validation", val_data_path, val_split),
         ):
             records, source = read_source_records(path, split)
-            self.formatted_ds[name] = load_pairs_from_records(records, source, split=name, **keys)
+            self.formatted_ds[name] = load_pairs_from_records(
+                records,
+                source,
+                split=name,
+                prompt_key=prompt_key,
+                chosen_key=chosen_key,
+                rejected_key=rejected_key,
+            )
         self.task_spec = TaskDataSpec(task_name="binary_preference")

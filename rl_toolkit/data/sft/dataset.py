@@ -1,7 +1,7 @@
 """The tokenised SFT split the loader reads, with the length policy applied and counted."""
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import torch
@@ -38,7 +38,7 @@ def _tokenize_row(
     tokenizer: PreTrainedTokenizerBase,
     data_format: str,
     max_total_sequence_length: int,
-    overlong_policy: str,
+    overlong_policy: Literal["drop", "truncate"],
     source: str,
 ) -> dict[str, Any]:
     """Tokenise one formatted row and fit it to the length policy (used in and out of workers).
@@ -98,7 +98,7 @@ class SFTSequenceDataset(torch.utils.data.Dataset):
         *,
         data_format: str,
         max_total_sequence_length: int,
-        overlong_policy: str,
+        overlong_policy: Literal["drop", "truncate"],
         source: str,
         task_spec: TaskDataSpec | None = None,
         num_proc: int = 1,
@@ -120,7 +120,9 @@ class SFTSequenceDataset(torch.utils.data.Dataset):
                 "source": source,
             },
         )
-        self.items, self.dropped_rows, num_truncated = [], [], 0
+        self.items: list[dict[str, Any]] = []
+        self.dropped_rows: list[int] = []
+        num_truncated = 0
         for index, sequence in enumerate(tokenized):
             if sequence["dropped"]:
                 self.dropped_rows.append(index + 1)

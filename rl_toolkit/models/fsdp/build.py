@@ -8,6 +8,7 @@ broadcasts them shard by shard, so the weights do not depend on the number of wo
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from rl_toolkit.models.fsdp.parallelize import apply_activation_checkpointing, apply_fsdp
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+RootT = TypeVar("RootT", bound=nn.Module)  # the role's root module, e.g. LogprobModel
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,16 @@ class FSDPOptions:
     activation_checkpointing: bool
 
 
+class AutoModelClass(Protocol):
+    """What ModelSource needs of a Hugging Face auto class such as ``AutoModelForCausalLM``."""
+
+    def from_config(self, config: PretrainedConfig, **kwargs: Any) -> PreTrainedModel: ...
+
+    def from_pretrained(
+        self, pretrained_model_name_or_path: str, **kwargs: Any
+    ) -> PreTrainedModel: ...
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where the initial weights come from.
@@ -50,7 +63,7 @@ class ModelSource:
     section: the config section these come from ("policy"), for error messages.
     """
 
-    model_class: type
+    model_class: AutoModelClass
     model_name: str
     hf_config: PretrainedConfig
     attn_implementation: str
@@ -61,12 +74,12 @@ class ModelSource:
 
 def build_sharded_model(
     source: ModelSource,
-    wrap: Callable[[PreTrainedModel], nn.Module],
+    wrap: Callable[[PreTrainedModel], RootT],
     *,
     mesh: DeviceMesh,
     device: torch.device,
     options: FSDPOptions,
-) -> tuple[nn.Module, PreTrainedModel]:
+) -> tuple[RootT, PreTrainedModel]:
     """The role's root module, sharded over ``mesh`` and filled with the initial weights.
 
     Args:

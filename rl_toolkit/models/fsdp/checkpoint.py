@@ -7,6 +7,7 @@ the Hugging Face model's, so a checkpoint does not depend on the role's wrapper 
 """
 
 import os
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -84,7 +85,7 @@ def export_hf(
     if dist.get_rank() == 0:
         save_hf_model(
             path,
-            state_dict=state,
+            state_dict=cast(dict[str, torch.Tensor], state),  # full_state_dict: plain tensors
             tied_names=tied_parameter_names(hf_model),
             hf_config=hf_config,
             generation_config=load_generation_config(model_name, hf_config),

@@ -1,5 +1,7 @@
 """FSDP2 and activation checkpointing, applied to a model from outside it."""
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -11,6 +13,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
 
 
 def apply_fsdp(
@@ -39,7 +42,7 @@ def apply_fsdp(
     """
     if not layer_classes:
         raise ValueError(f"{type(root).__name__} names no decoder layer class to shard")
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
         "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
@@ -55,7 +58,7 @@ def apply_fsdp(
             module.set_force_sum_reduction_for_comms(True)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each decoder layer in backward (a Hugging Face model's own switch)."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 

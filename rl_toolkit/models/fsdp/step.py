@@ -18,7 +18,9 @@ def optimizer_step(
         ``grad_norm`` (of the whole model, before clipping) and ``lr`` (the rate this step used).
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    # Every p in params has a gradient; the condition says so to the type checker.
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()  # sharded gradients give a partial norm
     if max_grad_norm is not None:

@@ -8,6 +8,8 @@ chunk's logits at a time. Peak extra memory is about ``2 * chunk_size * V * 4`` 
 ``b`` and ``T`` are.
 """
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -22,7 +24,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """``log softmax(hidden @ weight.T)[target]`` per token, chunked over tokens."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
+    def forward(
+        ctx: Any,  # FunctionCtx, which also carries chunk_size to backward
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_size: int,
+    ) -> torch.Tensor:
         # hidden: (N, H), weight: (V, H), targets: (N,) -> logprobs (N,) float32
         num_tokens = hidden.shape[0]
         logprobs = torch.empty(num_tokens, dtype=_float_dtype(hidden), device=hidden.device)
@@ -38,7 +46,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return logprobs
 
     @staticmethod
-    def backward(ctx, grad_logprobs):
+    def backward(
+        ctx: Any, grad_logprobs: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         hidden, weight, targets, logsumexp = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # Accumulate in float32 even for bf16 weights: many chunks add into one tensor.

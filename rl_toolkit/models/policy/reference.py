@@ -8,6 +8,7 @@ from torch import nn
 
 from rl_toolkit.models.fsdp.checkpoint import load_model
 from rl_toolkit.models.fsdp.parallelize import local_shards
+from rl_toolkit.models.policy.logprobs import LogprobModel
 
 
 class ReferenceWeights:
@@ -55,7 +56,7 @@ class ReferenceWeights:
                 weight.mul_(1.0 - alpha).add_(staging, alpha=alpha)
         self.synced = True
 
-    def load(self, model: nn.Module, path: str) -> None:
+    def load(self, model: LogprobModel, path: str) -> None:
         """Load reference weights saved by ``PolicyWorker.save_checkpoint``."""
         with self.in_model(model):
             load_model(model.causal_lm, path)

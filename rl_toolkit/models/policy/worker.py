@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from rl_toolkit.config_schema import MicroBatches, PolicyConfig
@@ -101,7 +101,9 @@ class PolicyWorker:
         if weights_path is not None:
             self._load_weights(weights_path)
         if optimizer_path is not None:
-            assert self.optimizer is not None, "optimizer_path given with init_optimizer=False"
+            assert self.optimizer is not None and self.scheduler is not None, (
+                "optimizer_path given with init_optimizer=False"
+            )
             checkpoint.load_optimizer(self.hf_model, self.optimizer, self.scheduler, optimizer_path)
 
     # ----- log-probs -----
@@ -206,7 +208,9 @@ class PolicyWorker:
             ``num_valid_tokens``, ``global_num_tokens`` (non-padding tokens of valid rows),
             ``grad_norm`` (before clipping) and ``lr``.
         """
-        assert self.optimizer is not None, "built with init_optimizer=False"
+        assert self.optimizer is not None and self.scheduler is not None, (
+            "built with init_optimizer=False"
+        )
         results = self._loss_over_micro_batches(data, loss_fn, micro_batches, backward=True)
         step = optimizer_step(
             self.model, self.optimizer, self.scheduler, max_grad_norm=self.cfg["max_grad_norm"]
@@ -311,7 +315,9 @@ class PolicyWorker:
             with self.reference.in_model(self.model):
                 checkpoint.save_model(self.hf_model, f"{weights_path}/{_REFERENCE_DIR}")
         if optimizer_path is not None:
-            assert self.optimizer is not None, "built with init_optimizer=False"
+            assert self.optimizer is not None and self.scheduler is not None, (
+                "built with init_optimizer=False"
+            )
             checkpoint.save_optimizer(self.hf_model, self.optimizer, self.scheduler, optimizer_path)
         if tokenizer_path is not None and dist.get_rank() == 0:
             self.tokenizer.save_pretrained(tokenizer_path)
@@ -349,7 +355,7 @@ class PolicyWorker:
             dist.destroy_process_group()
 
 
-def _model_source(config: PolicyConfig, hf_config: AutoConfig) -> ModelSource:
+def _model_source(config: PolicyConfig, hf_config: PretrainedConfig) -> ModelSource:
     name = config["attn_implementation"]
     return ModelSource(
         model_class=AutoModelForCausalLM,
