@@ -40,6 +40,7 @@ from rl_toolkit.config_schema import (
     micro_batches,
 )
 from rl_toolkit.data import PreferencePairDataset, TaskDataSpec, build_dataloader, pad_batch_to
+from rl_toolkit.data.collate import PreferenceBatch
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import (
     RayVirtualCluster,
@@ -194,11 +195,11 @@ def check_config(master_config: MasterConfig) -> None:
 
 
 def add_ref_logprobs_to_data(
-    dataloader: Iterable[BatchedDataDict],
+    dataloader: Iterable[BatchedDataDict[PreferenceBatch]],
     policy: Policy,
     master_config: MasterConfig,
     is_val: bool = False,
-) -> Iterator[BatchedDataDict]:
+) -> Iterator[BatchedDataDict[PreferenceBatch]]:
     """Yield each batch with `reference_policy_logprobs` `[2B, T]` added (unless reference-free).
 
     A partial validation batch is first padded with masked pairs to the full validation batch

@@ -1,16 +1,41 @@
 """Collate: preference pairs -> one interleaved, right-padded BatchedDataDict (DPO), and SFT
 sequences -> one right-padded BatchedDataDict; padding of a partial batch with loss-free rows."""
 
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 
 
+class PreferenceBatch(TypedDict):
+    """The keys of the preference batch: B pairs, rows interleaved [c0, r0, c1, r1, ...].
+
+    The contract between the collate function, the recipe, the policy workers and the loss
+    (docs/design.md, "The preference batch"); BatchedDataDict[PreferenceBatch] names it.
+    """
+
+    input_ids: torch.Tensor  # int64 [2B, T]: prompt + response + EOS, right-padded
+    input_lengths: torch.Tensor  # int64 [2B]: real (non-pad) tokens per row
+    token_mask: torch.Tensor  # float32 [2B, T]: 1.0 on response tokens (EOS included)
+    sample_mask: torch.Tensor  # float32 [2B]: 0.0 only on rows added by pad_batch_to
+    pair_ids: torch.Tensor  # int64 [2B]: the pair's index in its split, -1 on added rows
+    reference_policy_logprobs: NotRequired[torch.Tensor]  # float32 [2B, T]: added by the recipe
+
+
+class SFTBatch(TypedDict):
+    """The keys of the SFT batch: B sequences (docs/design.md, "The SFT batch")."""
+
+    input_ids: torch.Tensor  # int64 [B, T]: the tokens, right-padded
+    input_lengths: torch.Tensor  # int64 [B]: real (non-pad) tokens per row
+    token_mask: torch.Tensor  # float32 [B, T]: 1.0 on the tokens the loss predicts
+    sample_mask: torch.Tensor  # float32 [B]: 0.0 only on rows added by pad_batch_to
+    sample_ids: torch.Tensor  # int64 [B]: the row's index in its split, -1 on added rows
+
+
 def preference_collate_fn(
     items: list[dict[str, Any]], *, pad_token_id: int, pad_to_multiple_of: int
-) -> BatchedDataDict:
+) -> BatchedDataDict[PreferenceBatch]:
     """Collate B pairs from PreferencePairDataset into the preference batch.
 
     Rows are interleaved `[c0, r0, c1, r1, ...]`: row 2i is the chosen and row 2i + 1 the
@@ -49,7 +74,7 @@ def preference_collate_fn(
 
 def sft_collate_fn(
     items: list[dict[str, Any]], *, pad_token_id: int, pad_to_multiple_of: int
-) -> BatchedDataDict:
+) -> BatchedDataDict[SFTBatch]:
     """Collate B sequences from SFTSequenceDataset into the SFT batch.
 
     The policy worker trains on it as on a preference batch, one row per group

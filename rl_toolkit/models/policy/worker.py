@@ -45,7 +45,8 @@ from rl_toolkit.models.policy.logprobs import LogprobModel
 from rl_toolkit.models.policy.reference import ReferenceWeights
 from rl_toolkit.utils.config import ConfigError
 
-# loss, metrics = loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks)
+# loss, metrics = loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks);
+# micro_batch is a BatchedDataDict[PreferenceBatch] or [SFTBatch] (rl_toolkit/data/collate.py).
 LossFn = Callable[
     [torch.Tensor, BatchedDataDict, torch.Tensor, torch.Tensor],
     tuple[torch.Tensor, dict[str, Any]],
