@@ -22,9 +22,9 @@ from rl_toolkit.algorithms.loss_functions import DPOLossFn, validate_dpo_loss_co
 from rl_toolkit.algorithms.utils import (
     build_cluster,
     build_policy,
-    console_metrics,
     log_step,
     log_timing,
+    log_validation,
     open_run_folder,
     push_export_to_hub,
     resume_loader_and_logger,
@@ -362,11 +362,7 @@ def _run_validation(
             val_batch_size=dpo_config["val_global_batch_size"],
             val_mbs=micro_batches(master_config["policy"]["micro_batch"], "logprob"),
         )
-    state["val_loss"] = metrics["loss"]
-    logger.log_metrics(metrics, state["total_steps"], prefix="validation")
-    logger.print_metrics(
-        console_metrics(metrics, _CONSOLE_METRICS), state["total_steps"], prefix="validation"
-    )
+    log_validation(logger, metrics, state, _CONSOLE_METRICS)
 
 
 # What the console shows; every metric goes to metrics.jsonl, TensorBoard and wandb.

@@ -221,6 +221,16 @@ def log_step(
     )
 
 
+def log_validation(
+    logger: Logger, metrics: dict[str, Any], state: Any, shown: tuple[str, ...]
+) -> None:
+    """Record a validation: `val_loss` in the recipe's save state (a TypedDict with
+    `total_steps`; it ranks checkpoints), the metrics in every log, the main ones on the console."""
+    state["val_loss"] = metrics["loss"]
+    logger.log_metrics(metrics, state["total_steps"], prefix="validation")
+    logger.print_metrics(console_metrics(metrics, shown), state["total_steps"], prefix="validation")
+
+
 def log_timing(logger: Logger, metrics: dict[str, Any], timer: Timer, step: int) -> None:
     """Log the phase times of `step` (its checkpoint included) and the training throughput."""
     timing = timer.pop_totals()
