@@ -18,9 +18,13 @@ EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "dpo_tiny.y
 
 
 def check(config: MasterConfig) -> None:
-    """The checks that need no torch: they answer in about a second."""
+    """The config's checks, before the slow imports: about a second for everything but the
+    loss's own rules, which need its table of losses (torch: a few seconds more)."""
     resolve_local_paths(config)
     check_master_config(config)
+    from rl_toolkit.algorithms.loss_functions import validate_dpo_loss_config
+
+    validate_dpo_loss_config(config["dpo"])
 
 
 def main(config: MasterConfig) -> None:

@@ -227,9 +227,15 @@ def test_config_mistakes_are_reported_before_torch_ray_or_transformers_load(
             heavy = [m for m in ("torch", "ray", "transformers") if m in sys.modules]
             print(json.dumps({{"code": exit.code, "heavy": heavy}}))
     """
-    for override in ("dpo.max_num_epochs=0", "cluster.gpus_per_node=3", "dpo.sft_los_weight=1"):
-        result = run_script(code, tmp_path, override)
-        assert json.loads(result.stdout) == {"code": 2, "heavy": []}, result.stderr
+    for override, heavy in (
+        ("dpo.max_num_epochs=0", []),
+        ("cluster.gpus_per_node=3", []),
+        ("dpo.sft_los_weight=1", []),
+        # The loss's own rules read its table of losses: torch, but still no Ray, no transformers.
+        ("dpo.label_smoothing=0.1 dpo.loss_type=ipo", ["torch"]),
+    ):
+        result = run_script(code, tmp_path, *override.split())
+        assert json.loads(result.stdout) == {"code": 2, "heavy": heavy}, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
