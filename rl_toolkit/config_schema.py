@@ -300,6 +300,81 @@ class SFTConfig(TypedDict):
 
 
 # ---------------------------------------------------------------------------------------------
+# policy-gradient loss (GRPO, PPO's actor)
+
+
+class PGLossConfig(TypedDict):
+    """The policy-gradient loss of RL with generation (rl_toolkit.algorithms.loss_functions).
+
+    policy_loss: "ppo_clip" (the clipped ratio objective), "cispo" (the clipped ratio as a
+        detached weight of REINFORCE) or "reinforce" (no ratio).
+    ratio_level: "token" (PPO, GRPO) or "sequence" (GSPO: one ratio per completion, the
+        exponentiated mean of its tokens' log-ratios).
+    ratio_clip_min / ratio_clip_max: epsilon_low / epsilon_high of the clip range
+        [1 - min, 1 + max] (DAPO's clip-higher: max > min).
+    ratio_clip_c: dual clip (Ye et al. 2020): with a negative advantage the loss is at most
+        -c * A; None: off. Needs c > 1.
+    reference_policy_kl_penalty: beta of the KL to the reference (0: none).
+    kl_estimator: "k1", "k2" or "k3" (Schulman 2020), per token, clamped.
+    kl_in_reward: subtract beta * KL from the reward (PPO-style) instead of adding it to the
+        loss (GRPO-style).
+    aggregation: "token_mean" (over every generated token of the global batch),
+        "seq_mean_token_mean" (per completion, then over completions) or
+        "seq_mean_token_sum_norm" (Dr. GRPO: token sums over completions x sum_norm_length).
+    sum_norm_length: the constant of seq_mean_token_sum_norm (the generation budget); None
+        with the other aggregations.
+    importance_correction: "none", "tis" (truncated importance sampling: tokens weighted by
+        min(pi_train / pi_gen, importance_max)) or "icepop" (tokens whose ratio leaves
+        [importance_min, importance_max] are dropped), for the gap between the generator's and
+        the trainer's log-probs.
+    importance_min / importance_max: the bounds of that correction.
+    """
+
+    policy_loss: Literal["ppo_clip", "cispo", "reinforce"]
+    ratio_level: Literal["token", "sequence"]
+    ratio_clip_min: Annotated[float, Ge(0)]
+    ratio_clip_max: Annotated[float, Ge(0)]
+    ratio_clip_c: Annotated[float, Gt(1)] | None
+    reference_policy_kl_penalty: Annotated[float, Ge(0)]
+    kl_estimator: Literal["k1", "k2", "k3"]
+    kl_in_reward: bool
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+    sum_norm_length: PositiveInt | None
+    importance_correction: Literal["none", "tis", "icepop"]
+    importance_min: Annotated[float, Ge(0)]
+    importance_max: PositiveFloat
+
+
+def check_pg_loss_config(config: PGLossConfig, section: str) -> None:
+    """The rules between the policy-gradient loss's keys.
+
+    Raises:
+        ConfigError: one line naming the `<section>.*` key and what would be right.
+    """
+    sum_norm = config["aggregation"] == "seq_mean_token_sum_norm"
+    if sum_norm != (config["sum_norm_length"] is not None):
+        raise ConfigError(
+            f"{section}.sum_norm_length must be set (the generation budget) with "
+            f"{section}.aggregation=seq_mean_token_sum_norm, and null otherwise"
+        )
+    if config["ratio_level"] == "sequence" and sum_norm:
+        raise ConfigError(
+            f"{section}.ratio_level=sequence (GSPO) weights whole completions: use "
+            f"{section}.aggregation=seq_mean_token_mean or token_mean, not seq_mean_token_sum_norm"
+        )
+    if config["ratio_clip_c"] is not None and config["policy_loss"] != "ppo_clip":
+        raise ConfigError(
+            f"{section}.ratio_clip_c (dual clip) applies to policy_loss=ppo_clip only; set it "
+            "to null"
+        )
+    if config["importance_min"] >= config["importance_max"]:
+        raise ConfigError(
+            f"{section}.importance_min={config['importance_min']} must be below "
+            f"{section}.importance_max={config['importance_max']}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # cluster, checkpointing, logger
 
 

@@ -1,4 +1,5 @@
-"""Loss functions: the DPO family of preference losses, DPOLossFn and NLLLossFn.
+"""Loss functions: the DPO family of preference losses, DPOLossFn, NLLLossFn and the
+policy-gradient losses of RL with generation (ClippedPGLossFn).
 
 Each preference loss is a pure function of the four per-sequence log-probs of a set of pairs
 
@@ -25,12 +26,13 @@ This module imports neither ray nor torch.distributed.
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from rl_toolkit.config_schema import DPOLossConfig
+from rl_toolkit.config_schema import DPOLossConfig, PGLossConfig, check_pg_loss_config
 from rl_toolkit.utils.config import ConfigError
 
 Tensor = torch.Tensor
@@ -447,3 +449,184 @@ class NLLLossFn:
             "num_valid_tokens": int(mask.sum().item()),
         }
         return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy-gradient losses (RL with generation: GRPO, PPO's actor)
+
+# Log-ratios are clamped before exponentiation, and k3 after: a token whose probability moved by
+# more than e^20 would otherwise give inf and NaN gradients.
+_MAX_LOG_RATIO = 20.0
+_MAX_K3 = 10.0
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, `[b, T]`.
+
+    With l = log pi(y_t) - log pi_ref(y_t) (Schulman 2020, "Approximating KL Divergence"):
+    k1 = l (unbiased, high variance, can be negative); k2 = l^2 / 2 (biased, low variance);
+    k3 = exp(-l) - 1 + l (unbiased, >= 0; the GRPO paper's estimator), clamped to 10.
+    """
+    log_ratio = (logprobs - ref_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    assert estimator == "k3", f"unknown KL estimator {estimator!r}"
+    return (torch.exp(-log_ratio) - 1 + log_ratio).clamp(max=_MAX_K3)
+
+
+def ppo_clip_loss(
+    ratio: Tensor,
+    logprobs: Tensor,
+    advantages: Tensor,
+    /,
+    *,
+    clip_min: float,
+    clip_max: float,
+    dual_clip_c: float | None,
+) -> Tensor:
+    """PPO's clipped objective, per token: -min(r A, clip(r, 1 - e_low, 1 + e_high) A).
+
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7, with DAPO's separate
+    bounds (Yu et al. 2025, "clip-higher": e_high > e_low keeps low-probability tokens
+    explorable). With dual clip c (Ye et al. 2020, "Mastering Complex Control in MOBA Games with
+    Deep RL"), a negative advantage's loss is at most -c A, so a huge ratio cannot dominate.
+    """
+    clipped = ratio.clamp(1 - clip_min, 1 + clip_max)
+    loss = -torch.minimum(ratio * advantages, clipped * advantages)
+    if dual_clip_c is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip_c * advantages), loss)
+    return loss
+
+
+def cispo_loss(
+    ratio: Tensor, logprobs: Tensor, advantages: Tensor, /, *, clip_min: float, clip_max: float
+) -> Tensor:
+    """CISPO, per token: -sg(clip(r, 1 - e_low, 1 + e_high)) A log pi(y_t).
+
+    MiniMax 2025, "MiniMax-M1", eq. 4: the clipped ratio weights a REINFORCE term without its
+    gradient, so clipped tokens still contribute a gradient (PPO's clip zeroes it).
+    """
+    weight = ratio.clamp(1 - clip_min, 1 + clip_max).detach()
+    return -weight * advantages * logprobs
+
+
+def reinforce_loss(ratio: Tensor, logprobs: Tensor, advantages: Tensor, /) -> Tensor:
+    """REINFORCE, per token: -A log pi(y_t) (Williams 1992), on-policy; the ratio is unused."""
+    return -advantages * logprobs
+
+
+class ClippedPGLossFn:
+    """The policy-gradient loss of one micro-batch of rollouts, normalised over the global batch.
+
+    Per token t of completion i (mask m_it on the generated tokens), with the log-probs l of the
+    current policy, l_old of the policy that the batch was scored with before this update
+    (`prev_logprobs`; without it, one update per rollout: l_old = sg(l), the ratio is 1 with
+    the policy gradient), A the advantage (`advantages [b, T]`):
+        ratio r = exp(l - l_old) (token level) or, for GSPO (Zheng et al. 2025, "Group Sequence
+        Policy Optimization"), exp(sum_t m (l - l_old) / sum_t m) for every token of i;
+        per-token loss = policy_loss(r, A) [+ beta * KL_t(l, l_ref) unless kl_in_reward],
+        times the importance weight of TIS / ICE-POP against the generator's log-probs
+        (`generation_logprobs`);
+    aggregated as configured, with the global counts of the batch (so the gradient does not
+    depend on the number of workers or the micro-batch size).
+
+    Args:
+        cfg: the loss section (config_schema.PGLossConfig); checked here.
+    """
+
+    def __init__(self, cfg: PGLossConfig) -> None:
+        check_pg_loss_config(cfg, "loss")
+        self.cfg = cfg
+        clip = {"clip_min": cfg["ratio_clip_min"], "clip_max": cfg["ratio_clip_max"]}
+        # Each: (ratio, logprobs, advantages) -> per-token loss [b, T].
+        losses: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+            "ppo_clip": partial(ppo_clip_loss, **clip, dual_clip_c=cfg["ratio_clip_c"]),
+            "cispo": partial(cispo_loss, **clip),
+            "reinforce": reinforce_loss,
+        }
+        self.policy_loss = losses[cfg["policy_loss"]]
+
+    def __call__(
+        self,
+        logprobs: Tensor,
+        data: dict[str, Any],
+        global_valid_seqs: Tensor,
+        global_valid_toks: Tensor,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """This micro-batch's share of the global-batch loss, and additive metrics.
+
+        Args:
+            logprobs: `[b, T]` log-probs of the current policy, 0 off the generated tokens.
+            data: the micro-batch: `token_mask [b, T]`, `sample_mask [b]`, `advantages [b, T]`,
+                and as configured `prev_logprobs`, `generation_logprobs`,
+                `reference_policy_logprobs` (each `[b, T]`).
+            global_valid_seqs, global_valid_toks: 0-d tensors, the valid completions and their
+                generated tokens in the global batch.
+
+        Returns:
+            (loss, metrics): metrics sum over micro-batches and workers to global-batch values
+            (`kl`, `clip_fraction`, `importance_dropped` are means over generated tokens).
+        """
+        cfg = self.cfg
+        mask = data["token_mask"] * data["sample_mask"][:, None]  # (b, T)
+        old = data["prev_logprobs"] if "prev_logprobs" in data else logprobs.detach()
+        ratio = self._ratio(logprobs, old, mask)  # (b, T)
+        per_token = self.policy_loss(ratio, logprobs, data["advantages"])  # (b, T)
+        kl = torch.zeros_like(per_token)
+        if cfg["reference_policy_kl_penalty"] > 0:
+            kl = kl_estimate(logprobs, data["reference_policy_logprobs"], cfg["kl_estimator"])
+            if not cfg["kl_in_reward"]:
+                per_token = per_token + cfg["reference_policy_kl_penalty"] * kl
+        weight, dropped = self._importance_weight(old, data, mask)
+        loss = self._aggregate(per_token * weight, mask, global_valid_seqs, global_valid_toks)
+        with torch.no_grad():
+            clip_max, clip_min = 1 + cfg["ratio_clip_max"], 1 - cfg["ratio_clip_min"]
+            clipped = ((ratio > clip_max) | (ratio < clip_min)).float()
+            toks = global_valid_toks.clamp(min=1)
+            metrics = {
+                "loss": loss.item(),
+                "kl": ((kl * mask).sum() / toks).item(),
+                "clip_fraction": ((clipped * mask).sum() / toks).item(),
+                "importance_dropped": ((dropped * mask).sum() / toks).item(),
+                "num_valid_samples": int(data["sample_mask"].sum().item()),
+            }
+        return loss, metrics
+
+    def _ratio(self, logprobs: Tensor, old: Tensor, mask: Tensor) -> Tensor:
+        log_ratio = (logprobs - old) * mask
+        if self.cfg["ratio_level"] == "sequence":
+            per_seq = log_ratio.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)  # (b,)
+            log_ratio = per_seq[:, None].expand_as(logprobs)
+        return torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+
+    def _importance_weight(
+        self, old: Tensor, data: dict[str, Any], mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The TIS / ICE-POP weight of each token (detached), and which tokens ICE-POP drops."""
+        correction = self.cfg["importance_correction"]
+        if correction == "none":
+            return torch.ones_like(mask), torch.zeros_like(mask)
+        log_ratio = (old.detach() - data["generation_logprobs"]) * mask
+        ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+        if correction == "tis":  # Yao et al. 2025, "Your Efficient RL Framework Secretly..."
+            return ratio.clamp(max=self.cfg["importance_max"]), torch.zeros_like(mask)
+        # ICE-POP (Ling team 2025): tokens whose ratio leaves [min, max] do not train.
+        kept = (ratio >= self.cfg["importance_min"]) & (ratio <= self.cfg["importance_max"])
+        return kept.float(), (~kept).float()
+
+    def _aggregate(
+        self, per_token: Tensor, mask: Tensor, global_valid_seqs: Tensor, global_valid_toks: Tensor
+    ) -> Tensor:
+        """Sum over this micro-batch, divided by the global batch's count for the aggregation."""
+        aggregation = self.cfg["aggregation"]
+        masked = per_token * mask
+        if aggregation == "token_mean":
+            return masked.sum() / global_valid_toks.clamp(min=1)
+        seqs = global_valid_seqs.clamp(min=1)
+        if aggregation == "seq_mean_token_mean":
+            return (masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)).sum() / seqs
+        length = self.cfg["sum_norm_length"]
+        assert length is not None, "checked with the config: sum_norm needs its length"
+        return masked.sum() / (seqs * length)
