@@ -12,6 +12,7 @@ or scores 0 (counted in `env/errors`; `on_error: zero`).
 
 import importlib
 import inspect
+import pickle
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
@@ -38,8 +39,9 @@ def load_reward_fn(name: str, kwargs: dict[str, Any]) -> Callable[..., Any]:
         kwargs: keyword arguments bound with functools.partial.
 
     Raises:
-        ConfigError: the function does not import, is not callable, or does not take
-            `prompts=`, `completions=` and `kwargs` as keyword arguments.
+        ConfigError: the function does not import, is not callable, does not take `prompts=`,
+            `completions=` and `kwargs` as keyword arguments, or cannot be pickled by name (the
+            scoring processes import it).
     """
     path = BUILTIN_ENVIRONMENTS.get(name, name)
     module_name, _, attribute = path.rpartition(".")
@@ -59,7 +61,15 @@ def load_reward_fn(name: str, kwargs: dict[str, Any]) -> Callable[..., Any]:
             f"{sorted(kwargs)} as keyword arguments (TRL's form, f(prompts, completions, "
             f"**kwargs)): {error}"
         ) from None
-    return partial(reward_fn, **kwargs) if kwargs else reward_fn
+    bound = partial(reward_fn, **kwargs) if kwargs else reward_fn
+    try:
+        pickle.dumps(bound)  # what the scoring processes receive
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise ConfigError(
+            f"env.name={name!r}: {path} cannot be sent to the scoring processes, which import it "
+            f"by name; make it a module-level function ({error})"
+        ) from None
+    return bound
 
 
 def _quote(text: Prompt) -> str:

@@ -8,6 +8,9 @@ from typing import Any
 # A module attribute that is not a function (for load_reward_fn's check).
 NOT_A_FUNCTION = 3
 
+# A function that pickle cannot find by its name (`<lambda>`), so no scoring process could load it.
+UNNAMED = lambda prompts, completions, **columns: [1.0]  # noqa: E731
+
 
 def answer_as_reward(prompts: list, completions: list[str], answer: list, **columns: Any) -> list:
     """The row's `answer` column as its reward: shows which row's metadata each call got."""

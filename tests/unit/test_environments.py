@@ -4,6 +4,7 @@ count), metadata aligned, exact rewards of the tiny task and the math checker, t
 and the environment hosted in a Ray actor."""
 
 import json
+import re
 import sys
 import time
 import types
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rl_toolkit.config_schema import check_rollout_config
+from rl_toolkit.config_schema import EnvConfig, PromptDataConfig, check_rollout_config
 from rl_toolkit.environments.pool import PoolStartError, TimeoutPool
 from rl_toolkit.environments.reward_fn import (
     RewardError,
@@ -21,7 +22,7 @@ from rl_toolkit.environments.reward_fn import (
 from rl_toolkit.environments.tasks import math_checker
 from rl_toolkit.environments.tasks.math_checker import extract_answer, math_answer
 from rl_toolkit.environments.worker import EnvironmentWorker, RayEnvironment
-from rl_toolkit.utils.config import ConfigError, ReportedError
+from rl_toolkit.utils.config import ConfigError, ReportedError, validate_config
 from tests.unit import reward_functions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,12 +166,49 @@ def test_load_reward_fn_builtins_paths_and_kwargs() -> None:
         (f"{FUNCTIONS}.NOT_A_FUNCTION", {}, "is a int, not a function"),
         (f"{FUNCTIONS}.completions_only", {}, "must take prompts=, completions= and env.kwargs"),
         (f"{FUNCTIONS}.exact_match", {"scale": 2}, "unexpected keyword argument 'scale'"),
+        (f"{FUNCTIONS}.UNNAMED", {}, "cannot be sent to the scoring processes, which import it"),
     ],
 )
 def test_load_reward_fn_errors_are_one_line(name: str, kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_reward_fn(name, kwargs)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("schema", "override", "message"),
+    [
+        (EnvConfig, {"timeout_s": 0}, "'timeout_s': input should be greater than 0"),
+        (EnvConfig, {"on_error": "ignore"}, "'on_error': input should be 'raise' or 'zero'"),
+        (EnvConfig, {"num_processes": 0}, "'num_processes': input should be greater than or equal"),
+        (EnvConfig, {"kwargs": None}, "'kwargs': input should be a valid dictionary"),
+        (EnvConfig, {"timeout": 1}, "unknown key 'timeout'"),
+        (PromptDataConfig, {"format": "text"}, "'format': input should be 'prompt' or 'chat'"),
+        (
+            PromptDataConfig,
+            {"metadata_keys": "answer"},
+            "'metadata_keys': input should be a valid list",
+        ),
+        (
+            PromptDataConfig,
+            {"train_split": None, "num_workers": -1},
+            "'num_workers': input should be",
+        ),
+    ],
+)
+def test_the_sections_types_and_ranges(schema, override: dict, message: str) -> None:
+    good = {
+        EnvConfig: env_config("tiny_first"),
+        PromptDataConfig: {
+            "format": "prompt", "train_data_path": "t.jsonl", "val_data_path": "v.jsonl",
+            "train_split": None, "val_split": None, "prompt_key": "prompt",
+            "messages_key": "messages", "metadata_keys": ["answer"], "shuffle": True,
+            "num_workers": 0, "tokenize_num_proc": 1,
+        },
+    }[schema]  # fmt: skip
+    validate_config(good, schema, {})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(good | override, schema, {})
 
 
 @pytest.mark.parametrize(
