@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 # How long a new process may take to import and load the function before the pool gives up.
 STARTUP_TIMEOUT_S = 300.0
@@ -66,7 +66,7 @@ def _serve(conn: Connection, fn_bytes: bytes) -> None:
             outcome = Outcome("error", f"{type(error).__name__}: {error}")
         try:
             conn.send((index, outcome))
-        except (pickle.PicklingError, TypeError, AttributeError) as error:
+        except Exception as error:  # noqa: BLE001 - e.g. a value pickle cannot write
             conn.send((index, Outcome("error", f"returned a value that cannot be sent ({error})")))
 
 
@@ -133,7 +133,7 @@ class TimeoutPool:
                     self._send(position, queue, calls)
             self._wait_once(outcomes)
         assert all(outcome is not None for outcome in outcomes)
-        return outcomes  # type: ignore[return-value]  # every None was filled above
+        return cast(list[Outcome], outcomes)
 
     def _send(self, position: int, queue: deque[int], calls: list[tuple[Any, ...]]) -> None:
         """Give the next call of `queue` to the idle process at `position`."""

@@ -6,6 +6,7 @@ and the environment hosted in a Ray actor."""
 import json
 import re
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -136,6 +137,16 @@ def test_a_process_that_died_while_idle_is_replaced() -> None:
         pool.close()  # idempotent
 
 
+def test_a_value_that_cannot_be_sent_back_is_an_error() -> None:
+    pool = TimeoutPool(threading.Lock, num_processes=1, timeout_s=5.0)
+    try:
+        (outcome,) = pool.map([()])
+        assert outcome.status == "error" and "returned a value that cannot be sent" in outcome.value
+        assert pool.map([()] * 0) == []
+    finally:
+        pool.close()
+
+
 def test_a_function_the_processes_cannot_load_fails_at_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -225,9 +236,9 @@ def test_the_sections_types_and_ranges(schema, override: dict, message: str) -> 
 def test_rollout_config_rules(metadata_keys: list[str], env: dict, message: str) -> None:
     data = {"metadata_keys": metadata_keys}
     with pytest.raises(ConfigError) as error:
-        check_rollout_config(data, env_config("tiny_first") | env)  # type: ignore[arg-type]
+        check_rollout_config(data, env_config("tiny_first") | env)
     assert message in str(error.value) and "\n" not in str(error.value)
-    check_rollout_config({"metadata_keys": ["answer"]}, env_config("my_pkg.rewards.f"))  # type: ignore[arg-type]
+    check_rollout_config({"metadata_keys": ["answer"]}, env_config("my_pkg.rewards.f"))
 
 
 # ---------------------------------------------------------------------------------------------
