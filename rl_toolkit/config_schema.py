@@ -5,8 +5,9 @@ its config in about a second, before the ~15 s of imports a run needs (examples/
 examples/run_sft.py).
 Value ranges are part of the types (``Annotated[int, Ge(1)]``) and are checked with the types
 by ``rl_toolkit.utils.config.validate_config``; the rules that relate several keys are in
-``check_master_config`` (DPO) and ``check_sft_config`` (SFT). Every default lives in
-configs/dpo.yaml (DPO) or configs/sft.yaml (SFT).
+``check_master_config`` (DPO), ``check_sft_config`` (SFT) and ``check_rollout_config`` (the
+prompt data and environment of RL). Every default lives in configs/dpo.yaml (DPO) or
+configs/sft.yaml (SFT); the RL sections get theirs with the GRPO config.
 
 Batch sizes count sequences (rows of the batch), never pairs: a DPO global batch of 8 pairs is
 ``train_global_batch_size: 16``; an SFT global batch of 16 sequences is the same number.
@@ -375,6 +376,75 @@ def check_pg_loss_config(config: PGLossConfig, section: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# rollouts: the prompt data and the environment of an RL config (GRPO)
+
+
+class PromptDataConfig(TypedDict):
+    """The `data` section of an RL config: the prompts to sample from (docs/guides/environments.md).
+
+    format: how a row's prompt is read: "prompt" (a string, rendered as the user's turn through
+        the chat template when the tokenizer has one, else as plain text) or "chat" (a list of
+        messages ending with a non-assistant turn, rendered with the generation prompt).
+    train_data_path, val_data_path: local .jsonl / .json / .parquet files, or HF hub dataset
+        names.
+    train_split, val_split: the split of a hub dataset, e.g. "train" or "train[:95%]" (null for
+        local files).
+    prompt_key: the column of the prompt string (format prompt).
+    messages_key: the column of the messages (format chat).
+    metadata_keys: further columns kept with every prompt and handed to the environment with
+        its completions, in the same row order (e.g. ["answer"] for a verifier).
+    shuffle: shuffle the training prompts each epoch (seeded by the recipe's seed).
+    num_workers: dataloader worker processes (0: load in the main process).
+    tokenize_num_proc: processes that tokenise each split up front (1: in this process; small
+        splits are always tokenised in this process).
+
+    A prompt longer than the recipe's prompt budget (policy.max_total_sequence_length minus the
+    tokens generated) is dropped and counted, with its row number in the log.
+    """
+
+    format: Literal["prompt", "chat"]
+    train_data_path: str
+    val_data_path: str
+    train_split: str | None
+    val_split: str | None
+    prompt_key: str
+    messages_key: str
+    metadata_keys: list[str]
+    shuffle: bool
+    num_workers: NonNegativeInt
+    tokenize_num_proc: PositiveInt
+
+
+# The built-in environments: env.name -> the dotted path of the reward function it runs.
+BUILTIN_ENVIRONMENTS = {
+    "tiny_first": "rl_toolkit.environments.tasks.tiny_first",
+    "math": "rl_toolkit.environments.tasks.math_answer",
+}
+
+
+class EnvConfig(TypedDict):
+    """The `env` section: what scores the completions (docs/guides/environments.md).
+
+    name: a built-in environment (a key of BUILTIN_ENVIRONMENTS: "tiny_first", "math") or the
+        dotted path of a reward function `f(prompts, completions, **columns) -> list[float]`
+        (TRL's form, e.g. "my_pkg.rewards.exact_match"), called once per completion.
+    kwargs: keyword arguments bound to the reward function (e.g. {scale: 2.0}).
+    timeout_s: how long one completion may take to score; past it the call is abandoned (its
+        process killed and replaced), the completion scores 0 and env/timeouts counts it.
+    on_error: a reward function that raises (or returns no number, or whose process dies):
+        "raise" stops the run with one line naming the row and the error; "zero" scores the
+        completion 0 and env/errors counts it.
+    num_processes: processes that score completions in parallel.
+    """
+
+    name: str
+    kwargs: dict[str, Any]
+    timeout_s: PositiveFloat
+    on_error: Literal["raise", "zero"]
+    num_processes: PositiveInt
+
+
+# ---------------------------------------------------------------------------------------------
 # cluster, checkpointing, logger
 
 
@@ -507,6 +577,49 @@ def check_sft_config(config: SFTMasterConfig) -> None:
     _check_batch_sizes(config, "sft", config["sft"], group_size=1)
     _check_lr(config["policy"])
     _check_output_dirs(config)
+
+
+# The reward function's own arguments, which no metadata column or bound kwarg may shadow.
+_REWARD_FN_ARGUMENTS = ("prompts", "completions")
+
+
+def check_rollout_config(data: PromptDataConfig, env: EnvConfig) -> None:
+    """The rules of the prompt data and the environment: the reward function is called as
+    `f(prompts, completions, **env.kwargs, **metadata columns)`, so every name must be free.
+
+    Importing the function and checking `env.kwargs` against its parameters is
+    `rl_toolkit.environments.load_reward_fn`'s job (it imports user code).
+
+    Raises:
+        ConfigError: one line naming the key, its value and what would be right.
+    """
+    keys = data["metadata_keys"]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"data.metadata_keys={keys} names {repeated} more than once")
+    for key in keys:
+        if key in _REWARD_FN_ARGUMENTS:
+            raise ConfigError(
+                f"data.metadata_keys names {key!r}, which is the reward function's own argument "
+                f"{_REWARD_FN_ARGUMENTS}; rename that column"
+            )
+    name = env["name"]
+    if name not in BUILTIN_ENVIRONMENTS and not _is_dotted_path(name):
+        raise ConfigError(
+            f"env.name={name!r} is unknown; expected one of {sorted(BUILTIN_ENVIRONMENTS)} or "
+            "the dotted path of a reward function (my_pkg.rewards.my_reward)"
+        )
+    for key in env["kwargs"]:
+        if key in keys or key in _REWARD_FN_ARGUMENTS:
+            raise ConfigError(
+                f"env.kwargs.{key} would shadow the reward function's argument {key!r} (a "
+                "metadata column or prompts/completions); rename or remove it"
+            )
+
+
+def _is_dotted_path(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and all(part.isidentifier() for part in parts)
 
 
 def _check_lr(policy: PolicyConfig) -> None:

@@ -23,12 +23,19 @@ validation loss per assistant token falls from about 3.7 (ln 41) to about 0.01 i
 32 conversations, over every seed tried. (With 3 to 6 nouns it needs an induction head, which
 forms much later and after a seed-dependent plateau.)
 
+The RL task (`env.name: tiny_first`, rl-design 3.8 task A) asks for the first word of the list:
+a prompt `copy: w1 .. wk` of 2 to 4 distinct words from a pool of 8, its `answer` column `w1`
+(the metadata the reward reads, and the reference answer of a warm start), the reward 1 when the
+first generated word is w1. A pool of 8 keeps the reward dense enough (chance 1/8) for a few
+dozen GRPO steps; the whole vocabulary (chance 1/32) is too sparse.
+
 Usage:
     uv run python scripts/make_tiny_assets.py [--out-dir DIR]
 
 writes DIR/tiny_llama/{config.json, tokenizer.json, tokenizer_config.json,
-special_tokens_map.json}, DIR/tiny_prefs/{train.jsonl, val.jsonl} and
-DIR/tiny_sft/{train.jsonl, val.jsonl}; DIR defaults to the repository's `assets/`.
+special_tokens_map.json}, DIR/tiny_prefs/{train.jsonl, val.jsonl},
+DIR/tiny_sft/{train.jsonl, val.jsonl} and DIR/tiny_rl/{train.jsonl, val.jsonl}; DIR defaults to
+the repository's `assets/`.
 """
 
 import argparse
@@ -48,6 +55,11 @@ NUM_TRAIN_CONVERSATIONS = 1024
 NUM_VAL_CONVERSATIONS = 128
 SFT_WORDS = 4  # nouns per turn
 MAX_TURNS = 2  # 1 + 2 * (2 * SFT_WORDS + 6) = 29 tokens at most
+RL_SEED = 20260101
+NUM_TRAIN_PROMPTS = 1024
+NUM_VAL_PROMPTS = 128
+RL_MIN_WORDS = 2
+RL_MAX_WORDS = 4  # 8 * 7 + 8 * 7 * 6 + 8 * 7 * 6 * 5 = 2072 distinct prompts
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -58,6 +70,9 @@ CONTENT_WORDS = (
     "frog", "hat", "key", "kite", "lamp", "leaf", "moon", "nest",
     "owl", "pen", "ring", "rock", "rose", "ship", "star", "tree",
 )  # fmt: skip
+
+# The 8 words of the RL task's prompts: every 4th noun, so they spread over the vocabulary.
+RL_WORDS = ("apple", "cake", "cup", "drum", "frog", "kite", "nest", "ring")
 
 # Renders each turn as `<|role|> content </s>`; the generation prompt is the assistant header, so
 # the prompt's tokens are a prefix of prompt + response tokens. BOS comes from here only (the
@@ -200,6 +215,24 @@ def make_sft_splits(rng: random.Random) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
+def make_rl_prompt(rng: random.Random) -> dict[str, str]:
+    """One RL row {"prompt": "copy: w1 .. wk", "answer": "w1"} (the task tiny_first)."""
+    words = rng.sample(RL_WORDS, rng.randint(RL_MIN_WORDS, RL_MAX_WORDS))
+    return {"prompt": f"copy: {' '.join(words)}", "answer": words[0]}
+
+
+def make_rl_splits(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Train and validation prompts, all distinct (validation prompts are unseen)."""
+    rows: list[dict] = []
+    seen: set[str] = set()
+    while len(rows) < NUM_TRAIN_PROMPTS + NUM_VAL_PROMPTS:
+        row = make_rl_prompt(rng)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    return rows[:NUM_TRAIN_PROMPTS], rows[NUM_TRAIN_PROMPTS:]
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Write `obj` as indented JSON with sorted keys (stable across runs)."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="ascii")
@@ -243,6 +276,12 @@ def write_assets(out_dir: Path) -> None:
     write_jsonl(sft_dir / "train.jsonl", train)
     write_jsonl(sft_dir / "val.jsonl", val)
 
+    rl_dir = out_dir / "tiny_rl"
+    rl_dir.mkdir(parents=True, exist_ok=True)
+    train, val = make_rl_splits(random.Random(RL_SEED))
+    write_jsonl(rl_dir / "train.jsonl", train)
+    write_jsonl(rl_dir / "val.jsonl", val)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -251,7 +290,7 @@ def main() -> None:
     args = parser.parse_args()
     write_assets(args.out_dir)
     written = ", ".join(
-        str(args.out_dir / name) for name in ("tiny_llama", "tiny_prefs", "tiny_sft")
+        str(args.out_dir / name) for name in ("tiny_llama", "tiny_prefs", "tiny_sft", "tiny_rl")
     )
     print(f"wrote {written}")
 

@@ -1,10 +1,13 @@
-"""Collate: preference pairs -> one interleaved, right-padded BatchedDataDict (DPO), and SFT
-sequences -> one right-padded BatchedDataDict; padding of a partial batch with loss-free rows."""
+"""Collate: preference pairs -> one interleaved, right-padded BatchedDataDict (DPO), SFT
+sequences -> one right-padded BatchedDataDict, prompts -> the prompt batch that generation
+reads (RL); padding of a partial batch with loss-free rows; the rollout batch's contract."""
 
 from typing import Any, NotRequired, TypedDict
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from rl_toolkit.data.interfaces import Text
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 
 
@@ -31,6 +34,41 @@ class SFTBatch(TypedDict):
     token_mask: torch.Tensor  # float32 [B, T]: 1.0 on the tokens the loss predicts
     sample_mask: torch.Tensor  # float32 [B]: 0.0 only on rows added by pad_batch_to
     sample_ids: torch.Tensor  # int64 [B]: the row's index in its split, -1 on added rows
+
+
+class PromptBatch(TypedDict):
+    """The keys of the prompt batch: B prompts, or B / G prompts each repeated G times
+    (repeat_prompts), that generation samples from (docs/design.md, "The prompt batch")."""
+
+    input_ids: torch.Tensor  # int64 [B, P]: the prompt tokens, right-padded
+    input_lengths: torch.Tensor  # int64 [B]: prompt tokens per row
+    prompt_ids: torch.Tensor  # int64 [B]: the prompt's index in its split, equal within a group
+    prompts: list[Text]  # [B]: the prompt as read (a string, or chat messages)
+    metadata: list[dict[str, Any]]  # [B]: the row's data.metadata_keys columns
+
+
+class RolloutBatch(TypedDict):
+    """The keys of the rollout batch: N = B * G rows, G generations of each of B prompts in
+    consecutive rows, `group_size == G` (docs/design.md, "The rollout batch").
+
+    Generation returns the keys without NotRequired; scoring adds `rewards`, the recipe the
+    log-probs and advantages its loss needs.
+    """
+
+    input_ids: torch.Tensor  # int64 [N, T]: prompt + generated tokens, right-padded
+    input_lengths: torch.Tensor  # int64 [N]: prompt + generated tokens per row
+    token_mask: torch.Tensor  # float32 [N, T]: 1.0 on the generated tokens (EOS included)
+    sample_mask: torch.Tensor  # float32 [N]: 0.0 on rows that must not count (none from generation)
+    prompt_ids: torch.Tensor  # int64 [N]: the prompt's index in its split, equal within a group
+    prompts: list[Text]  # [N]: the prompt as read, for the environment
+    metadata: list[dict[str, Any]]  # [N]: the prompt row's metadata columns, for the environment
+    generation_logprobs: torch.Tensor  # float32 [N, T]: the sampler's log-prob of each
+    # generated token, 0.0 elsewhere
+    truncated: torch.Tensor  # bool [N]: generation stopped at its token limit before EOS
+    rewards: NotRequired[torch.Tensor]  # float32 [N]: the environment's score of each row
+    advantages: NotRequired[torch.Tensor]  # float32 [N, T]: per generated token
+    reference_policy_logprobs: NotRequired[torch.Tensor]  # float32 [N, T]: on generated tokens
+    prev_logprobs: NotRequired[torch.Tensor]  # float32 [N, T]: the policy before this update
 
 
 def preference_collate_fn(
@@ -113,6 +151,70 @@ def sft_collate_fn(
         sample_ids=torch.tensor([item["sample_id"] for item in items], dtype=torch.int64),
         group_size=1,
     )
+
+
+def prompt_collate_fn(
+    items: list[dict[str, Any]], *, pad_token_id: int
+) -> BatchedDataDict[PromptBatch]:
+    """Collate B prompts from TokenizedPromptDataset into the prompt batch.
+
+    Args:
+        items: B dataset items (prompt_id, input_ids, prompt, metadata).
+        pad_token_id: fills input_ids after each prompt.
+
+    Returns:
+        BatchedDataDict(group_size=1) with
+            input_ids      int64 [B, P]  the prompt tokens, right-padded to the longest prompt
+            input_lengths  int64 [B]     prompt tokens per row
+            prompt_ids     int64 [B]     the prompt's index in its split (stable across runs)
+            prompts        list  [B]     the prompt as read (a string, or chat messages)
+            metadata       list  [B]     per row a dict of its data.metadata_keys columns
+    """
+    assert items
+    input_ids, lengths = _pad_right([item["input_ids"] for item in items], pad_token_id, 1)
+    return BatchedDataDict(
+        input_ids=input_ids,
+        input_lengths=lengths,
+        prompt_ids=torch.tensor([item["prompt_id"] for item in items], dtype=torch.int64),
+        prompts=[item["prompt"] for item in items],
+        metadata=[item["metadata"] for item in items],
+        group_size=1,
+    )
+
+
+def repeat_prompts(
+    batch: BatchedDataDict[PromptBatch], group_size: int
+) -> BatchedDataDict[PromptBatch]:
+    """Each prompt G times in consecutive rows, as one group: what generation samples G
+    completions of a prompt from (GRPO's group).
+
+    Args:
+        batch: a prompt batch of B prompts (group_size 1).
+        group_size: G, the generations per prompt.
+
+    Returns:
+        A prompt batch of B * G rows with `group_size == G`: rows `g * G .. g * G + G - 1` are
+        prompt g; every row has its own copy of the prompt's metadata dict.
+    """
+    assert batch.group_size == 1, f"the prompts are already in groups of {batch.group_size}"
+    rows = torch.arange(batch.size).repeat_interleave(group_size)  # [B * G]
+    repeated = batch.select_indices(rows)
+    repeated["metadata"] = [dict(metadata) for metadata in repeated["metadata"]]
+    return BatchedDataDict(repeated, group_size=group_size)
+
+
+def completion_texts(
+    batch: BatchedDataDict[RolloutBatch], tokenizer: PreTrainedTokenizerBase
+) -> list[str]:
+    """The generated text of every row of a rollout batch, for the environment.
+
+    The tokens where `token_mask` is 1, decoded without special tokens (EOS, chat markers).
+    """
+    generated = [
+        ids[mask.bool()].tolist()
+        for ids, mask in zip(batch["input_ids"], batch["token_mask"], strict=True)
+    ]
+    return tokenizer.batch_decode(generated, skip_special_tokens=True)
 
 
 def _pad_right(

@@ -1,4 +1,5 @@
-"""The resumable dataloaders (preference pairs, SFT sequences) and their seeded, stateful shuffle."""
+"""The resumable dataloaders (preference pairs, SFT sequences, RL prompts) and their seeded,
+stateful shuffle."""
 
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -8,9 +9,10 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
-from rl_toolkit.config_schema import DataConfig, SFTDataConfig
-from rl_toolkit.data.collate import preference_collate_fn, sft_collate_fn
+from rl_toolkit.config_schema import DataConfig, PromptDataConfig, SFTDataConfig
+from rl_toolkit.data.collate import preference_collate_fn, prompt_collate_fn, sft_collate_fn
 from rl_toolkit.data.datasets import PreferencePairDataset
+from rl_toolkit.data.prompts import TokenizedPromptDataset
 from rl_toolkit.data.sft.dataset import SFTSequenceDataset
 
 
@@ -113,9 +115,12 @@ def build_dataloader(
     """
     return _stateful_loader(
         dataset,
-        preference_collate_fn,
-        tokenizer,
-        data_config,
+        partial(
+            preference_collate_fn,
+            pad_token_id=_pad_token_id(tokenizer),
+            pad_to_multiple_of=data_config["pad_to_multiple_of"],
+        ),
+        num_workers=data_config["num_workers"],
         batch_size=num_pairs,
         shuffle=shuffle,
         seed=seed,
@@ -152,9 +157,12 @@ def build_sft_dataloader(
     """
     return _stateful_loader(
         dataset,
-        sft_collate_fn,
-        tokenizer,
-        data_config,
+        partial(
+            sft_collate_fn,
+            pad_token_id=_pad_token_id(tokenizer),
+            pad_to_multiple_of=data_config["pad_to_multiple_of"],
+        ),
+        num_workers=data_config["num_workers"],
         batch_size=batch_size,
         shuffle=shuffle,
         seed=seed,
@@ -162,30 +170,68 @@ def build_sft_dataloader(
     )
 
 
-def _stateful_loader(
-    dataset: PreferencePairDataset | SFTSequenceDataset,
-    collate_fn: Callable[..., Any],
+def build_prompt_dataloader(
+    dataset: TokenizedPromptDataset,
     tokenizer: PreTrainedTokenizerBase,
-    data_config: DataConfig | SFTDataConfig,
+    data_config: PromptDataConfig,
     *,
     batch_size: int,
     shuffle: bool,
     seed: int,
     drop_last: bool,
 ) -> StatefulDataLoader:
+    """A StatefulDataLoader of prompt batches (see prompt_collate_fn for the keys).
+
+    Shuffled and resumable exactly as build_dataloader's preference batches: `state_dict()`
+    taken mid-epoch and loaded into a loader built with the same arguments continues with
+    exactly the next batch of prompts.
+
+    Args:
+        dataset: the tokenised prompts (TokenizedPromptDataset).
+        tokenizer: gives pad_token_id, which right-pads input_ids.
+        data_config: the `data` section (num_workers).
+        batch_size: prompts per batch (before repeat_prompts makes G rows of each).
+        shuffle: reshuffle every epoch (training: data.shuffle); False keeps dataset order.
+        seed: seeds the shuffle (the recipe's seed).
+        drop_last: drop the last partial batch (training); validation keeps it.
+
+    Returns:
+        The dataloader.
+    """
+    return _stateful_loader(
+        dataset,
+        partial(prompt_collate_fn, pad_token_id=_pad_token_id(tokenizer)),
+        num_workers=data_config["num_workers"],
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+    )
+
+
+def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one (e.g. the EOS token)")
+    return tokenizer.pad_token_id
+
+
+def _stateful_loader(
+    dataset: PreferencePairDataset | SFTSequenceDataset | TokenizedPromptDataset,
+    collate_fn: Callable[[list[dict[str, Any]]], Any],
+    *,
+    num_workers: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool,
+) -> StatefulDataLoader:
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,
         sampler=SeededShuffleSampler(len(dataset), seed) if shuffle else None,
         # worker seeds are drawn from this generator rather than the global RNG
         generator=torch.Generator().manual_seed(seed),
-        num_workers=data_config["num_workers"],
+        num_workers=num_workers,
         drop_last=drop_last,
-        collate_fn=partial(
-            collate_fn,
-            pad_token_id=tokenizer.pad_token_id,
-            pad_to_multiple_of=data_config["pad_to_multiple_of"],
-        ),
+        collate_fn=collate_fn,
     )

@@ -1,4 +1,4 @@
-"""The embedded default assets: they load offline, fit the DPO and SFT data contracts, and
+"""The embedded default assets: they load offline, fit the DPO, SFT and RL data contracts, and
 regenerate exactly."""
 
 import json
@@ -31,9 +31,10 @@ def read_rows(split: str) -> list[dict]:
 
 
 def asset_files(root: Path) -> dict[str, bytes]:
-    """Relative path -> content of every file under root's tiny_llama/, tiny_prefs/, tiny_sft/."""
+    """Relative path -> content of every file under root's tiny_llama/, tiny_prefs/, tiny_sft/,
+    tiny_rl/."""
     files = {}
-    for sub in ("tiny_llama", "tiny_prefs", "tiny_sft"):
+    for sub in ("tiny_llama", "tiny_prefs", "tiny_sft", "tiny_rl"):
         for path in sorted((root / sub).rglob("*")):
             if path.is_file():
                 files[str(path.relative_to(root))] = path.read_bytes()
@@ -98,7 +99,7 @@ def test_regenerating_gives_identical_small_files(tmp_path: Path) -> None:
     script = REPO_ROOT / "scripts" / "make_tiny_assets.py"
     subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path)], check=True)
     committed, regenerated = asset_files(ASSETS), asset_files(tmp_path)
-    assert len(committed) == 8 and sorted(committed) == sorted(regenerated)
+    assert len(committed) == 10 and sorted(committed) == sorted(regenerated)
     for name, content in committed.items():
         assert content == regenerated[name], f"{name} differs from a fresh generation"
         assert len(content) < MAX_FILE_BYTES, f"{name} is over 1 MB"
@@ -128,3 +129,26 @@ def test_sft_rows_follow_the_copy_rule() -> None:
         assert len(set(nouns)) == len(nouns)  # no noun twice in a conversation
         ids = tokenizer.apply_chat_template(messages)["input_ids"]
         assert tokenizer.unk_token_id not in ids and len(ids) <= 29
+
+
+def test_rl_prompts_ask_for_the_first_of_a_pool_of_eight_words() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    train, val = (
+        [json.loads(line) for line in (ASSETS / "tiny_rl" / f"{split}.jsonl").open()]
+        for split in ("train", "val")
+    )
+    assert (len(train), len(val)) == (1024, 128)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    pool: set[str] = set()
+    for row in train + val:
+        assert set(row) == {"prompt", "answer"}
+        instruction, words = row["prompt"].split(": ")
+        listed = words.split()
+        assert instruction == "copy" and 2 <= len(listed) <= 4 and len(set(listed)) == len(listed)
+        assert row["answer"] == listed[0]
+        pool |= set(listed)
+        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+    assert len(pool) == 8
+    first_words = {row["answer"] for row in train}
+    assert first_words == pool  # every word of the pool is the answer of some prompts
