@@ -8,6 +8,7 @@ import torch
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.models.policy.lm_policy import Policy
+from rl_toolkit.utils.config import ConfigError
 from tests.conftest import WORKER_TIMEOUT_S
 from tests.unit.policy_testing import LOGPROB_MBS, make_tokenizer, new_worker
 from tests.unit.test_policy_generation import generation_config, prompt_batch
@@ -85,3 +86,13 @@ def test_fewer_prompts_than_workers(expected, two_workers):
     logprobs = two_workers.logprobs(rollout, LOGPROB_MBS)["logprobs"]
     mask = rollout["token_mask"]
     torch.testing.assert_close(rollout["generation_logprobs"], logprobs * mask, atol=1e-5, rtol=0)
+
+
+def test_driver_side_mistakes_fail_before_any_worker_is_called(two_workers, monkeypatch):
+    too_long = prompt_batch([32], first_prompt=9)  # policy.max_total_sequence_length: 32
+    with pytest.raises(ValueError, match="prompt 9 has 32 tokens: no room for a response"):
+        two_workers.generate(too_long, step=STEP)
+    assert not two_workers.workers.broken
+    monkeypatch.setattr(two_workers, "generation", None)  # what a DPO or SFT config gives
+    with pytest.raises(ConfigError, match="policy.generation is not set"):
+        two_workers.generate(prompt_batch([3]), step=STEP)

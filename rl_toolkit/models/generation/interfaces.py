@@ -2,8 +2,8 @@
 
 Backend ``hf`` is ``rl_toolkit.models.policy.lm_policy.Policy`` itself (the policy workers
 sample); a vLLM backend will be a second implementation with its own workers and a weight
-refit. The batches are those of docs/design.md: prompts in ("The prompt batch"), the rollout
-out ("The rollout batch").
+refit. The batches, prompts in and the rollout out, are described in docs/design.md
+("Generation").
 """
 
 from typing import TYPE_CHECKING, Protocol

@@ -25,10 +25,30 @@ class Responses:
     truncated: torch.Tensor
 
 
+def new_token_budgets(
+    prompts: BatchedDataDict, *, max_new_tokens: int, max_total_sequence_length: int
+) -> torch.Tensor:
+    """``[N]`` the most tokens each prompt's response may have: ``max_new_tokens``, or fewer
+    where prompt + response would be longer than ``max_total_sequence_length``.
+
+    Raises:
+        ValueError: a prompt leaves no room for a response (it names the prompt's id).
+    """
+    room = max_total_sequence_length - prompts["input_lengths"]  # (N,)
+    if (room < 1).any():
+        row = int((room < 1).nonzero()[0, 0])
+        raise ValueError(
+            f"prompt {int(prompts['prompt_ids'][row])} has {int(prompts['input_lengths'][row])} "
+            f"tokens: no room for a response within policy.max_total_sequence_length="
+            f"{max_total_sequence_length}"
+        )
+    return room.clamp(max=max_new_tokens)
+
+
 def rollout_batch(
     prompts: BatchedDataDict, responses: Responses, pad_token_id: int
 ) -> BatchedDataDict:
-    """The rollout batch (docs/design.md, "The rollout batch"): each prompt with its response.
+    """The rollout batch (docs/design.md, "Generation"): each prompt with its response.
 
     Args:
         prompts: ``input_ids [N, P]`` right-padded, ``input_lengths [N]``, and any other keys,

@@ -13,6 +13,7 @@ from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.distributed.worker_groups import RayWorkerGroup
 from rl_toolkit.models.generation.interfaces import GenerationInterface
+from rl_toolkit.models.generation.rollout import new_token_budgets
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
 from rl_toolkit.models.policy.worker import LossFn, PolicyWorker
 from rl_toolkit.utils.config import ConfigError
@@ -58,7 +59,9 @@ class Policy(GenerationInterface):
         worker_env_vars: list[str],
     ) -> None:
         self.global_batch_size = config["train_global_batch_size"]
-        self.can_generate = "generation" in config  # absent from DPO and SFT configs
+        # policy.generation is optional: DPO and SFT configs leave it out.
+        self.generation = config.get("generation")
+        self.max_total_sequence_length = config["max_total_sequence_length"]
         self.pad_token_id = tokenizer.pad_token_id
         self.reference_cache = reference_cache
         worker_kwargs = {
@@ -140,11 +143,17 @@ class Policy(GenerationInterface):
         Raises:
             ConfigError: the config has no ``policy.generation`` section.
         """
-        if not self.can_generate:
+        if self.generation is None:
             raise ConfigError(
                 "policy.generation is not set: generating needs its sampling settings "
                 "(docs/configuration.md, policy.generation)"
             )
+        # Checked here too, so that a prompt too long fails before any worker starts the call.
+        new_token_budgets(
+            data,
+            max_new_tokens=self.generation["max_new_tokens"],
+            max_total_sequence_length=self.max_total_sequence_length,
+        )
         shards = self.workers.sharded(PolicyWorker.generate, data, step=step, greedy=greedy)
         assert self.pad_token_id is not None, "PolicyWorker.generate pads with it"
         return BatchedDataDict.from_batches(shards, pad_value_dict={"input_ids": self.pad_token_id})

@@ -40,7 +40,7 @@ from rl_toolkit.models.fsdp.init import (
 from rl_toolkit.models.fsdp.parallelize import reshard_all, weights_kept_gathered
 from rl_toolkit.models.fsdp.step import optimizer_step
 from rl_toolkit.models.generation.hf_sampling import decoding_attention, sample_responses
-from rl_toolkit.models.generation.rollout import rollout_batch
+from rl_toolkit.models.generation.rollout import new_token_budgets, rollout_batch
 from rl_toolkit.models.generation.sampling import row_seed, sampling_uniforms
 from rl_toolkit.models.optim import build_optimizer, build_scheduler
 from rl_toolkit.models.packing import micro_batch_rows, pack_rows
@@ -211,7 +211,7 @@ class PolicyWorker:
             greedy: take the most likely token (validation) instead of sampling.
 
         Returns:
-            The rollout (docs/design.md, "The rollout batch"): ``input_ids [N, T]`` prompt then
+            The rollout (docs/design.md, "Generation"): ``input_ids [N, T]`` prompt then
             response, right-padded; ``input_lengths [N]``; ``token_mask [N, T]`` 1.0 on the
             response (stop token included); ``generation_logprobs [N, T]`` the response
             tokens' log-probs at temperature 1 without top-k/top-p (0.0 elsewhere);
@@ -219,7 +219,11 @@ class PolicyWorker:
         """
         sampling = self.cfg["generation"]
         data = data.to(self.device)
-        budgets = self._new_token_budgets(data, sampling["max_new_tokens"])
+        budgets = new_token_budgets(
+            data,
+            max_new_tokens=sampling["max_new_tokens"],
+            max_total_sequence_length=self.cfg["max_total_sequence_length"],
+        )
         uniforms = None
         if not greedy:
             seeds = [
@@ -252,19 +256,6 @@ class PolicyWorker:
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         return rollout_batch(data, responses, self.tokenizer.pad_token_id).to("cpu")
-
-    def _new_token_budgets(self, data: BatchedDataDict, max_new_tokens: int) -> torch.Tensor:
-        """``[N]`` the most tokens each response may have: ``max_new_tokens``, or fewer where
-        the row would exceed ``max_total_sequence_length``."""
-        room = self.cfg["max_total_sequence_length"] - data["input_lengths"]  # (N,)
-        if (room < 1).any():
-            prompt_id = int(data["prompt_ids"][(room < 1).nonzero()[0, 0]])
-            raise ValueError(
-                f"prompt {prompt_id} has {int(data['input_lengths'].max())} tokens: no room for "
-                f"a response within policy.max_total_sequence_length="
-                f"{self.cfg['max_total_sequence_length']}"
-            )
-        return room.clamp(max=max_new_tokens)
 
     # ----- training and evaluation -----
 
