@@ -161,9 +161,12 @@ def summarise(result: dict[str, Any], warmup_steps: int) -> dict[str, float]:
     }
 
 
-def model_flops_utilisation(tokens_per_s: float, num_params: int, peak_tflops: float) -> float:
-    """``6 * N * tokens/s / peak``: training FLOPs per token without attention's."""
-    return 6 * num_params * tokens_per_s / (peak_tflops * 1e12)
+def model_flops_utilisation(
+    tokens_per_s: float, num_params: int, peak_tflops: float, flops_per_param: int = 6
+) -> float:
+    """``flops_per_param * N * tokens/s / peak``: FLOPs per token without attention's (6 per
+    parameter to train on a token, 2 to generate one)."""
+    return flops_per_param * num_params * tokens_per_s / (peak_tflops * 1e12)
 
 
 def num_params(model_dir: str) -> int:
@@ -192,7 +195,9 @@ def run_child(script: str, framework: str, args_path: Path) -> dict[str, Any]:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def print_table(runs: dict[str, list[dict[str, float]]], mfu: dict[str, float]) -> None:
+def print_table(
+    runs: dict[str, list[dict[str, float]]], mfu: dict[str, float], baseline: str = "trl"
+) -> None:
     medians = {
         fw: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for fw, rs in runs.items()
     }
@@ -205,10 +210,10 @@ def print_table(runs: dict[str, list[dict[str, float]]], mfu: dict[str, float]) 
             f"{m['peak_memory_mib']:>10.0f}{mfu_text:>7}"
         )
         print(f"{fw:<22}{line}")
-    # Every run against TRL (or, without TRL, against the first run): each round runs them back
-    # to back, so a per-round ratio shares most of the load other processes put on a shared
-    # machine; the median over rounds is the headline.
-    base = "trl" if "trl" in runs else next(iter(runs))
+    # Every run against the baseline (or, without it, against the first run): each round runs
+    # them back to back, so a per-round ratio shares most of the load other processes put on a
+    # shared machine; the median over rounds is the headline.
+    base = baseline if baseline in runs else next(iter(runs))
     for fw in runs:
         if fw == base:
             continue
@@ -230,6 +235,7 @@ def main(
     child_main: Callable[[str, dict[str, Any]], None],
     doc: str,
     trl_runs: tuple[str, ...] = ("trl",),
+    flops_per_param: int = 6,
 ) -> None:
     """Parse the command line and run the benchmark (or, with --child, one framework's run).
 
@@ -238,7 +244,9 @@ def main(
         presets: per device ("cpu", "gpu"): model, data and run settings.
         child_main: `child_main(framework, args)` runs one framework and calls print_result.
         doc: the script's docstring (--help).
-        trl_runs: the names of the TRL runs the script knows, besides rl_toolkit[@ATTN][:TOKENS].
+        trl_runs: the names of the other framework's runs the script knows, besides
+            rl_toolkit[@ATTN][:TOKENS]; the first is the baseline of the ratios.
+        flops_per_param: FLOPs per parameter and token, for MFU (6: training, 2: generation).
     """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument(
@@ -258,7 +266,7 @@ def main(
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument(
         "--frameworks",
-        default="rl_toolkit,trl",
+        default=f"rl_toolkit,{trl_runs[0]}",
         help=f"runs of each round, in order: {', '.join(trl_runs)}, or rl_toolkit[@ATTN][:TOKENS] "
         "with another policy.attn_implementation and/or token budget per micro-batch (e.g. "
         "rl_toolkit@sdpa:512); rl_toolkit alone where TRL is not installed",
@@ -284,7 +292,8 @@ def main(
             args[key] = getattr(cli, key)
     args["activation_checkpointing"] = cli.activation_checkpointing
     runs = _run_rounds(script, frameworks, args, preset_name)
-    print_table(runs, _mfu(runs, args["num_params"], peak_tflops(cli.peak_tflops)))
+    mfu = _mfu(runs, args["num_params"], peak_tflops(cli.peak_tflops), flops_per_param)
+    print_table(runs, mfu, baseline=trl_runs[0])
 
 
 def _run_rounds(
@@ -310,11 +319,16 @@ def _run_rounds(
 
 
 def _mfu(
-    runs: dict[str, list[dict[str, float]]], params: int, peak: float | None
+    runs: dict[str, list[dict[str, float]]],
+    params: int,
+    peak: float | None,
+    flops_per_param: int,
 ) -> dict[str, float]:
     if peak is None:
         return {}
     return {
-        fw: model_flops_utilisation(statistics.median(r["tokens_per_s"] for r in rs), params, peak)
+        fw: model_flops_utilisation(
+            statistics.median(r["tokens_per_s"] for r in rs), params, peak, flops_per_param
+        )
         for fw, rs in runs.items()
     }

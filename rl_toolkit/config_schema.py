@@ -96,6 +96,30 @@ class SchedulerConfig(TypedDict):
     milestones: NotRequired[list[int]]
 
 
+class SamplingConfig(TypedDict):
+    """The `policy.generation` section: how the policy samples responses (docs/design.md,
+    "Generation"). Only algorithms that generate (RL) read it; DPO and SFT configs leave it out.
+
+    backend: "hf": the policy workers sample themselves (KV cache, CPU or GPU).
+    temperature: logits are divided by it before sampling (> 0; greedy decoding is an argument
+        of `generate`, not a temperature).
+    top_p: nucleus sampling: the smallest set of most likely tokens whose probability reaches
+        top_p (1.0: off).
+    top_k: sample among the top_k most likely tokens only (0: off).
+    max_new_tokens: at most this many generated tokens per response (fewer where the prompt
+        plus the response would exceed policy.max_total_sequence_length).
+    stop_token_ids: token ids that end a response besides the tokenizer's EOS, which always
+        does; the stop token is part of the response.
+    """
+
+    backend: Literal["hf"]
+    temperature: PositiveFloat
+    top_p: Annotated[float, Gt(0), Le(1)]
+    top_k: NonNegativeInt
+    max_new_tokens: PositiveInt
+    stop_token_ids: list[NonNegativeInt]
+
+
 class PolicyConfig(TypedDict):
     model_name: str  # HF hub id or local path (its config.json is always needed)
     tokenizer: TokenizerConfig
@@ -113,6 +137,8 @@ class PolicyConfig(TypedDict):
     optimizer: OptimizerConfig
     scheduler: list[SchedulerConfig]
     max_grad_norm: PositiveFloat | None  # clip the global gradient norm to this; None: no clipping
+    # Sampling settings of algorithms that generate (GRPO); absent from DPO and SFT configs.
+    generation: NotRequired[SamplingConfig]
 
 
 # ---------------------------------------------------------------------------------------------

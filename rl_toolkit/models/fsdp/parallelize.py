@@ -1,5 +1,7 @@
 """FSDP2 and activation checkpointing, applied to a model from outside it."""
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -72,6 +74,30 @@ def reshard_all(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+@contextlib.contextmanager
+def weights_kept_gathered(root: nn.Module, *, reshard_after_forward: bool) -> Iterator[None]:
+    """Inside the block, each FSDP unit keeps its weights once a forward has gathered them.
+
+    The first forward through ``root`` in the block gathers every unit (a collective on every
+    rank); after it, forwards of ``root`` or of any module inside it run without collectives, so
+    ranks may run different numbers of them (a decoding loop). On exit every unit is resharded
+    and resharding after forward is as ``apply_fsdp`` left it: ``reshard_after_forward`` for the
+    decoder layers, never for the root (FSDP2's choice for a root).
+
+    Args:
+        root: the module ``apply_fsdp`` sharded.
+        reshard_after_forward: the value ``apply_fsdp`` was given.
+    """
+    assert isinstance(root, FSDPModule), "apply_fsdp shards the root too"
+    root.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        root.set_reshard_after_forward(reshard_after_forward)
+        root.set_reshard_after_forward(False, recurse=False)
+        reshard_all(root)
 
 
 def local_shards(model: nn.Module) -> list[torch.Tensor]:

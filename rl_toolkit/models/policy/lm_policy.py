@@ -12,12 +12,18 @@ from rl_toolkit.config_schema import MicroBatches, PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
 from rl_toolkit.distributed.worker_groups import RayWorkerGroup
+from rl_toolkit.models.generation.interfaces import GenerationInterface
+from rl_toolkit.models.generation.rollout import new_token_budgets
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
 from rl_toolkit.models.policy.worker import LossFn, PolicyWorker
+from rl_toolkit.utils.config import ConfigError
 
 
-class Policy:
+class Policy(GenerationInterface):
     """A language-model policy trained with FSDP2 on the workers of ``cluster``.
+
+    It is also generation backend ``hf``: its workers sample responses themselves
+    (``generate``), so there are no weights to move to a generator.
 
     Args:
         cluster: one worker per bundle.
@@ -53,6 +59,10 @@ class Policy:
         worker_env_vars: list[str],
     ) -> None:
         self.global_batch_size = config["train_global_batch_size"]
+        # policy.generation is optional: DPO and SFT configs leave it out.
+        self.generation = config.get("generation")
+        self.max_total_sequence_length = config["max_total_sequence_length"]
+        self.pad_token_id = tokenizer.pad_token_id
         self.reference_cache = reference_cache
         worker_kwargs = {
             "config": config,
@@ -119,6 +129,45 @@ class Policy:
             return compute(data)
         logprobs = self.reference_cache.get_or_compute(data, compute)
         return BatchedDataDict({"reference_logprobs": logprobs}, group_size=data.group_size)
+
+    # ----- generation (backend hf) -----
+
+    def generate(
+        self, data: BatchedDataDict, *, step: int, greedy: bool = False
+    ) -> BatchedDataDict:
+        """One response per prompt row, sampled by the workers; see ``PolicyWorker.generate``.
+
+        The rows are sharded over the workers (groups whole; a worker may get none) and come
+        back in the order of ``data``, right-padded to the longest row.
+
+        Raises:
+            ConfigError: the config has no ``policy.generation`` section.
+        """
+        if self.generation is None:
+            raise ConfigError(
+                "policy.generation is not set: generating needs its sampling settings "
+                "(docs/configuration.md, policy.generation)"
+            )
+        # Checked here too, so that a prompt too long fails before any worker starts the call.
+        new_token_budgets(
+            data,
+            max_new_tokens=self.generation["max_new_tokens"],
+            max_total_sequence_length=self.max_total_sequence_length,
+        )
+        shards = self.workers.sharded(PolicyWorker.generate, data, step=step, greedy=greedy)
+        assert self.pad_token_id is not None, "PolicyWorker.generate pads with it"
+        return BatchedDataDict.from_batches(shards, pad_value_dict={"input_ids": self.pad_token_id})
+
+    def prepare_for_generation(self, tags: list[str] | None = None) -> None:
+        """Nothing to do: each ``generate`` gathers the weights it needs and frees them."""
+
+    def finish_generation(self) -> None:
+        """Nothing to do: ``generate`` holds nothing afterwards (no KV cache, sharded weights)."""
+
+    def update_weights(self, source: "Policy") -> dict[str, float]:
+        """Nothing to move: the generator is the policy itself."""
+        assert source is self, "backend hf generates with the policy's own weights"
+        return {}
 
     def update_reference_model(self, mixup_alpha: float) -> None:
         """TR-DPO: ``reference <- mixup_alpha * policy + (1 - mixup_alpha) * reference``."""

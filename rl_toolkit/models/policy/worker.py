@@ -37,8 +37,11 @@ from rl_toolkit.models.fsdp.init import (
     init_distributed,
     max_over_ranks,
 )
-from rl_toolkit.models.fsdp.parallelize import reshard_all
+from rl_toolkit.models.fsdp.parallelize import reshard_all, weights_kept_gathered
 from rl_toolkit.models.fsdp.step import optimizer_step
+from rl_toolkit.models.generation.hf_sampling import decoding_attention, sample_responses
+from rl_toolkit.models.generation.rollout import new_token_budgets, rollout_batch
+from rl_toolkit.models.generation.sampling import row_seed, sampling_uniforms
 from rl_toolkit.models.optim import build_optimizer, build_scheduler
 from rl_toolkit.models.packing import micro_batch_rows, pack_rows
 from rl_toolkit.models.policy.logprobs import LogprobModel
@@ -52,6 +55,7 @@ LossFn = Callable[
     tuple[torch.Tensor, dict[str, Any]],
 ]
 
+_ONE_ROW = MicroBatches(packed=False, size=1)  # the micro-batch of a dummy forward
 _REFERENCE_DIR = "reference"  # sub-directory of a weights checkpoint holding a synced reference
 
 
@@ -187,6 +191,71 @@ class PolicyWorker:
             flat = self.model(input_ids, rows * seq_len + cols, attention_mask=attention_mask)
         logprobs = torch.zeros(scored.shape, dtype=flat.dtype, device=flat.device)
         return logprobs.index_put((rows, cols), flat)  # (b, T), differentiable
+
+    # ----- generation -----
+
+    def generate(self, data: BatchedDataDict, *, step: int, greedy: bool) -> BatchedDataDict:
+        """Sample one response per row of this worker's shard (backend ``hf``, KV cache).
+
+        Collective: every worker gathers the full weights once (one forward of the root), then
+        samples its own rows for as many steps as they need, without collectives, so shards of
+        any size (none included) and responses of any length never leave a worker waiting.
+        The weights are resharded before returning.
+
+        Args:
+            data: ``input_ids [N, P]`` right-padded prompts, ``input_lengths [N]``,
+                ``prompt_ids [N]`` (the prompt's index in its dataset) and ``sample_idx [N]``
+                (which of the prompt's samples the row is); any other key is carried over.
+            step: the training step; with ``policy.seed``, ``prompt_ids`` and ``sample_idx`` it
+                seeds each row's sampling, so a row's tokens depend on nothing else.
+            greedy: take the most likely token (validation) instead of sampling.
+
+        Returns:
+            The rollout (docs/design.md, "Generation"): ``input_ids [N, T]`` prompt then
+            response, right-padded; ``input_lengths [N]``; ``token_mask [N, T]`` 1.0 on the
+            response (stop token included); ``generation_logprobs [N, T]`` the response
+            tokens' log-probs at temperature 1 without top-k/top-p (0.0 elsewhere);
+            ``truncated [N]`` (no stop token within the budget); the other keys of ``data``.
+        """
+        sampling = self.cfg["generation"]
+        data = data.to(self.device)
+        budgets = new_token_budgets(
+            data,
+            max_new_tokens=sampling["max_new_tokens"],
+            max_total_sequence_length=self.cfg["max_total_sequence_length"],
+        )
+        uniforms = None
+        if not greedy:
+            seeds = [
+                row_seed(self.cfg["seed"], step, int(prompt_id), int(sample_idx))
+                for prompt_id, sample_idx in zip(
+                    data["prompt_ids"].tolist(), data["sample_idx"].tolist(), strict=True
+                )
+            ]
+            uniforms = sampling_uniforms(seeds, sampling["max_new_tokens"]).to(self.device)
+        stop_token_ids = torch.tensor(
+            [self.tokenizer.eos_token_id, *sampling["stop_token_ids"]], device=self.device
+        )
+        self.model.eval()
+        reshard = self.cfg["fsdp"]["reshard_after_forward"]
+        with (
+            torch.no_grad(),
+            weights_kept_gathered(self.model, reshard_after_forward=reshard),
+            decoding_attention(self.hf_model),
+        ):
+            # Gathers every FSDP unit, on every worker (collective); the loop then runs alone.
+            self._forward(_dummy_micro_batch(self.device), _ONE_ROW, response_only=False)
+            responses = sample_responses(
+                self.hf_model,
+                data["input_ids"],
+                data["input_lengths"],
+                budgets=budgets,
+                uniforms=uniforms,
+                stop_token_ids=stop_token_ids,
+                sampling=sampling,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        return rollout_batch(data, responses, self.tokenizer.pad_token_id).to("cpu")
 
     # ----- training and evaluation -----
 

@@ -1,0 +1,11 @@
+"""Generation: the interface every backend implements, and the ``hf`` backend's sampler.
+
+    interfaces.py   GenerationInterface (generate, prepare/finish, update_weights, shutdown)
+    sampling.py     seeded token choice from logits: temperature, top-k, top-p, inverse CDF
+    hf_sampling.py  the KV-cache loop on a Hugging Face causal LM (backend ``hf``)
+    rollout.py      Responses, and the rollout batch built from prompts and responses
+
+Backend ``hf`` is the policy itself: ``Policy.generate`` shards the prompts over the FSDP2
+policy workers and each samples its rows (``PolicyWorker.generate``). Its config is
+``policy.generation`` (``SamplingConfig`` in ``rl_toolkit.config_schema``).
+"""

@@ -1,0 +1,130 @@
+"""Sampling with a Hugging Face causal LM and its KV cache, one batch of prompts at a time.
+
+The model here is a plain ``*ForCausalLM`` with all its weights present (the policy worker
+gathers its FSDP shards first); nothing here is collective, so each worker runs this loop for as
+many steps as its own rows need.
+
+Prompts are left-padded inside the loop, with an attention mask and explicit position ids, so a
+row's logits equal those of the row alone (to float32 rounding, about 1e-7). Rows that have
+finished stay in the batch until at most half of the batch is still running; the finished ones
+are then dropped, the KV cache with them, so that long tails cost what the rows still running
+cost.
+"""
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from rl_toolkit.config_schema import SamplingConfig
+from rl_toolkit.models.generation.rollout import Responses
+from rl_toolkit.models.generation.sampling import choose_tokens
+
+# The attention of the KV-cache loop: one new query per row against the cached keys, with a
+# padding mask. rl_toolkit's varlen attention computes packed rows without a cache.
+DECODING_ATTENTION = "sdpa"
+
+
+@contextlib.contextmanager
+def decoding_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Inside the block the model attends with ``DECODING_ATTENTION``; restored on exit."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(DECODING_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def sample_responses(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    input_lengths: torch.Tensor,
+    *,
+    budgets: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    stop_token_ids: torch.Tensor,
+    sampling: SamplingConfig,
+    pad_token_id: int,
+) -> Responses:
+    """Generate one response per prompt, each until a stop token or its budget.
+
+    Args:
+        model: the causal LM, in eval mode, attending with ``DECODING_ATTENTION``, under no_grad.
+        input_ids: ``[N, P]`` prompts, right-padded (``N`` may be 0: no response, no forward).
+        input_lengths: ``[N]`` prompt lengths (>= 1).
+        budgets: ``[N]`` the most tokens each response may have (>= 1).
+        uniforms: ``[N, >= max(budgets)]`` one uniform per row and position
+            (``sampling.sampling_uniforms``), or None for greedy decoding.
+        stop_token_ids: ``[S]`` tokens that end a response (EOS among them).
+        sampling: temperature, top-k and top-p.
+        pad_token_id: fills the prompts' left padding and the tokens after each response.
+    """
+    num_rows, device = input_ids.shape[0], input_ids.device
+    max_new = int(budgets.max()) if num_rows else 0
+    tokens = torch.full((num_rows, max_new), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(num_rows, max_new, device=device)
+    lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
+    stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)
+
+    if num_rows == 0:
+        return Responses(tokens=tokens, logprobs=logprobs, lengths=lengths, truncated=stopped)
+    cache = DynamicCache(config=model.config)
+    ids, attention_mask = _left_padded(input_ids, input_lengths, pad_token_id)  # (N, P) each
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = _next_token_logits(model, ids, attention_mask, position_ids, cache)  # (N, V)
+    rows = torch.arange(num_rows, device=device)  # batch row -> prompt row
+    running = torch.ones(num_rows, dtype=torch.bool, device=device)  # per batch row
+    for t in range(max_new):
+        row_uniforms = None if uniforms is None else uniforms[rows, t]
+        new_tokens, new_logprobs = choose_tokens(logits, row_uniforms, sampling)  # (b,) each
+        live = rows[running]
+        tokens[live, t] = new_tokens[running]
+        logprobs[live, t] = new_logprobs[running]
+        lengths[live] = t + 1
+        hit_stop = running & torch.isin(new_tokens, stop_token_ids)
+        stopped[rows[hit_stop]] = True
+        running &= ~hit_stop & (budgets[rows] > t + 1)
+        if not running.any():
+            break
+        if 2 * int(running.sum()) <= len(running):
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, running = rows[keep], running[keep]
+            new_tokens, attention_mask = new_tokens[keep], attention_mask[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        positions = (input_lengths[rows] + t)[:, None]  # the new token's place in its row
+        logits = _next_token_logits(model, new_tokens[:, None], attention_mask, positions, cache)
+    return Responses(tokens=tokens, logprobs=logprobs, lengths=lengths, truncated=~stopped)
+
+
+def _left_padded(
+    input_ids: torch.Tensor, input_lengths: torch.Tensor, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``[N, T]`` rows moved to the right end of ``[N, max_len]``, and their mask."""
+    max_len = int(input_lengths.max())
+    positions = torch.arange(max_len, device=input_ids.device)[None, :]  # (1, P)
+    attention_mask = (positions >= max_len - input_lengths[:, None]).long()  # (N, P)
+    source = (positions - (max_len - input_lengths[:, None])).clamp(min=0)  # (N, P)
+    ids = input_ids.gather(1, source).masked_fill(attention_mask == 0, pad_token_id)
+    return ids, attention_mask
+
+
+def _next_token_logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """float32 logits ``[b, V]`` after the last of ``input_ids``; the cache grows by them."""
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,  # the prompt's other positions need no vocabulary projection
+    )
+    return output.logits[:, -1].float()
