@@ -45,6 +45,8 @@ class PromptBatch(TypedDict):
     prompt_ids: torch.Tensor  # int64 [B]: the prompt's index in its split, equal within a group
     prompts: list[Text]  # [B]: the prompt as read (a string, or chat messages)
     metadata: list[dict[str, Any]]  # [B]: the row's data.metadata_keys columns
+    sample_idx: NotRequired[torch.Tensor]  # int64 [B]: the row's place in its group (repeat_prompts)
+    sample_mask: NotRequired[torch.Tensor]  # float32 [B]: 1.0 (repeat_prompts)
 
 
 class RolloutBatch(TypedDict):
@@ -60,10 +62,11 @@ class RolloutBatch(TypedDict):
     token_mask: torch.Tensor  # float32 [N, T]: 1.0 on the generated tokens (EOS included)
     sample_mask: torch.Tensor  # float32 [N]: 0.0 on rows that must not count (none from generation)
     prompt_ids: torch.Tensor  # int64 [N]: the prompt's index in its split, equal within a group
+    sample_idx: torch.Tensor  # int64 [N]: the row's place in its group, 0 .. G - 1
     prompts: list[Text]  # [N]: the prompt as read, for the environment
     metadata: list[dict[str, Any]]  # [N]: the prompt row's metadata columns, for the environment
-    generation_logprobs: torch.Tensor  # float32 [N, T]: the sampler's log-prob of each
-    # generated token, 0.0 elsewhere
+    generation_logprobs: torch.Tensor  # float32 [N, T]: each generated token's log-prob under the
+    # generating policy at temperature 1 without top-k/top-p, 0.0 elsewhere
     truncated: torch.Tensor  # bool [N]: generation stopped at its token limit before EOS
     rewards: NotRequired[torch.Tensor]  # float32 [N]: the environment's score of each row
     advantages: NotRequired[torch.Tensor]  # float32 [N, T]: per generated token
@@ -194,12 +197,15 @@ def repeat_prompts(
 
     Returns:
         A prompt batch of B * G rows with `group_size == G`: rows `g * G .. g * G + G - 1` are
-        prompt g; every row has its own copy of the prompt's metadata dict.
+        prompt g, with `sample_idx` 0 .. G - 1 (with `prompt_ids`, what seeds a sample) and
+        `sample_mask` 1.0; every row has its own copy of the prompt's metadata dict.
     """
     assert batch.group_size == 1, f"the prompts are already in groups of {batch.group_size}"
     rows = torch.arange(batch.size).repeat_interleave(group_size)  # [B * G]
     repeated = batch.select_indices(rows)
     repeated["metadata"] = [dict(metadata) for metadata in repeated["metadata"]]
+    repeated["sample_idx"] = torch.arange(group_size).repeat(batch.size)
+    repeated["sample_mask"] = torch.ones(batch.size * group_size)
     return BatchedDataDict(repeated, group_size=group_size)
 
 

@@ -251,6 +251,8 @@ def test_collate_builds_the_right_padded_prompt_batch() -> None:
     groups = repeat_prompts(batch, 3)
     assert groups.group_size == 3 and groups.size == 6
     assert groups["prompt_ids"].tolist() == [4, 4, 4, 9, 9, 9]
+    assert groups["sample_idx"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert groups["sample_mask"].tolist() == [1.0] * 6
     assert groups["input_ids"].tolist() == [[1, 5, 6, 2]] * 3 + [[1, 7, 0, 0]] * 3
     assert groups["input_lengths"].tolist() == [4, 4, 4, 2, 2, 2]
     assert groups["prompts"] == ["a"] * 3 + [[user("b")]] * 3

@@ -51,6 +51,7 @@ def fake_rollout(num_prompts: int, group_size: int) -> BatchedDataDict:
         token_mask=token_mask,
         sample_mask=torch.ones(len(sequences)),
         prompt_ids=prompts["prompt_ids"],
+        sample_idx=prompts["sample_idx"],
         prompts=prompts["prompts"],
         metadata=prompts["metadata"],
         generation_logprobs=-token_mask * torch.arange(len(sequences))[:, None],
