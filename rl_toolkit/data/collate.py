@@ -45,7 +45,7 @@ class PromptBatch(TypedDict):
     prompt_ids: torch.Tensor  # int64 [B]: the prompt's index in its split, equal within a group
     prompts: list[Text]  # [B]: the prompt as read (a string, or chat messages)
     metadata: list[dict[str, Any]]  # [B]: the row's data.metadata_keys columns
-    sample_idx: NotRequired[torch.Tensor]  # int64 [B]: the row's place in its group (repeat_prompts)
+    sample_idx: NotRequired[torch.Tensor]  # int64 [B]: place in its group (repeat_prompts)
     sample_mask: NotRequired[torch.Tensor]  # float32 [B]: 1.0 (repeat_prompts)
 
 
