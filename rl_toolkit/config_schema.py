@@ -470,6 +470,65 @@ class EnvConfig(TypedDict):
     num_processes: PositiveInt
 
 
+class DynamicSamplingConfig(TypedDict):
+    """`grpo.dynamic_sampling` (DAPO): train only on groups whose rewards differ.
+
+    enabled: drop the groups whose G rewards are all equal (their advantages are 0) and refill
+        the step with the groups of further prompt batches.
+    max_gen_batches: at most this many prompt batches generated for one step; a step still
+        short of num_prompts_per_step groups then trains on the dropped groups too, with
+        sample_mask 0 (they count for nothing).
+    """
+
+    enabled: bool
+    max_gen_batches: PositiveInt
+
+
+class GRPOConfig(TypedDict):
+    """The `grpo` section: the loop of GRPO (docs/guides/grpo.md; NeMo RL's keys where it has them).
+
+    num_prompts_per_step: prompts sampled per step; each gives a group of
+        num_generations_per_prompt completions, so a step has their product of rows.
+    num_generations_per_prompt: G, the group size (>= 2: the advantage compares a completion
+        with the others of its group).
+    max_num_steps / max_num_epochs: training stops at whichever comes first.
+    adv_estimator: "grpo" (group mean and std), "dr_grpo" (group mean), "rloo" (leave-one-out
+        mean) or "reinforce_pp" (group mean, then whitened over the batch).
+    dynamic_sampling: DAPO's filter of zero-variance groups (DynamicSamplingConfig).
+    overlong_filtering: completions cut at their token budget (truncated) count for nothing
+        (sample_mask 0), as in DAPO.
+    sft_warmup_steps: supervised steps (NLL on `sft_warmup_answer_key`'s reference answers)
+        before the first GRPO step; 0: none.
+    sft_warmup_answer_key: the metadata column (data.metadata_keys) holding each prompt's
+        reference answer, for the warm-up.
+    val_period: validate every this many steps (0: never, except at start and end).
+    val_at_start: validate before the first step.
+    max_val_samples: validation prompts (the first ones of the validation split).
+    val_num_generations: k completions per validation prompt: 1 decodes greedily; k > 1
+        samples as in training and adds pass@k (the mean over prompts of the best reward).
+    val_global_batch_size: validation prompts per generation call.
+    num_val_samples_to_log: completions shown per validation (console, samples.jsonl, wandb).
+    seed: seeds Python, NumPy, torch, the data order and (with policy.seed) sampling.
+    """
+
+    num_prompts_per_step: PositiveInt
+    num_generations_per_prompt: Annotated[int, Ge(2)]
+    max_num_steps: NonNegativeInt
+    max_num_epochs: PositiveInt
+    adv_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
+    dynamic_sampling: DynamicSamplingConfig
+    overlong_filtering: bool
+    sft_warmup_steps: NonNegativeInt
+    sft_warmup_answer_key: str
+    val_period: NonNegativeInt
+    val_at_start: bool
+    max_val_samples: PositiveInt
+    val_num_generations: PositiveInt
+    val_global_batch_size: PositiveInt
+    num_val_samples_to_log: NonNegativeInt
+    seed: int
+
+
 # ---------------------------------------------------------------------------------------------
 # cluster, checkpointing, logger
 
@@ -571,6 +630,19 @@ class SFTMasterConfig(TypedDict):
     checkpointing: CheckpointingConfig
 
 
+class GRPOMasterConfig(TypedDict):
+    """A whole GRPO config (configs/grpo.yaml)."""
+
+    policy: PolicyConfig
+    loss_fn: PGLossConfig
+    grpo: GRPOConfig
+    data: PromptDataConfig
+    env: EnvConfig
+    logger: LoggerConfig
+    cluster: ClusterConfig
+    checkpointing: CheckpointingConfig
+
+
 # ---------------------------------------------------------------------------------------------
 # Rules between keys
 
@@ -602,6 +674,57 @@ def check_sft_config(config: SFTMasterConfig) -> None:
     """
     _check_batch_sizes(config, "sft", config["sft"], group_size=1)
     _check_lr(config["policy"])
+    _check_output_dirs(config)
+
+
+def check_grpo_config(config: GRPOMasterConfig) -> None:
+    """The rules of a GRPO config: groups against the batch sizes and the workers, room for
+    prompts, the loss, the prompt data and environment, the rate, the folders.
+
+    Raises:
+        ConfigError: one line naming the key, its value and what would be right.
+    """
+    grpo, policy = config["grpo"], config["policy"]
+    if "generation" not in policy:
+        raise ConfigError(
+            "policy.generation is missing: GRPO samples its completions with it "
+            "(docs/configuration.md, policy.generation)"
+        )
+    group, gbs = grpo["num_generations_per_prompt"], policy["train_global_batch_size"]
+    if gbs % group:
+        raise ConfigError(
+            f"policy.train_global_batch_size={gbs} must be a multiple of "
+            f"grpo.num_generations_per_prompt={group}: a training batch holds whole groups"
+        )
+    rows = grpo["num_prompts_per_step"] * group
+    if rows % gbs:
+        raise ConfigError(
+            f"grpo.num_prompts_per_step x grpo.num_generations_per_prompt = {rows} rows per step "
+            f"must be a multiple of policy.train_global_batch_size={gbs} (whole optimizer steps)"
+        )
+    _check_global_batch(config, "policy.train_global_batch_size", gbs, "train", group)
+    max_new = policy["generation"]["max_new_tokens"]
+    if policy["max_total_sequence_length"] <= max_new:
+        raise ConfigError(
+            f"policy.max_total_sequence_length={policy['max_total_sequence_length']} leaves no "
+            f"room for a prompt before policy.generation.max_new_tokens={max_new} tokens"
+        )
+    check_pg_loss_config(config["loss_fn"], "loss_fn")
+    answer_key = grpo["sft_warmup_answer_key"]
+    if grpo["sft_warmup_steps"] > 0 and answer_key not in config["data"]["metadata_keys"]:
+        raise ConfigError(
+            f"grpo.sft_warmup_steps={grpo['sft_warmup_steps']} trains on the reference answers "
+            f"in grpo.sft_warmup_answer_key={answer_key!r}, which data.metadata_keys="
+            f"{config['data']['metadata_keys']} does not keep"
+        )
+    metric = config["checkpointing"]["metric_name"]
+    if metric not in (None, "val_reward"):
+        raise ConfigError(
+            f"checkpointing.metric_name={metric!r}: GRPO ranks checkpoints by 'val_reward' "
+            "(or null: the latest ones)"
+        )
+    check_rollout_config(config["data"], config["env"])
+    _check_lr(policy)
     _check_output_dirs(config)
 
 
@@ -654,7 +777,7 @@ def _check_lr(policy: PolicyConfig) -> None:
         raise ConfigError(f"policy.optimizer.kwargs.lr must be a number > 0, got {lr!r}")
 
 
-def _check_output_dirs(config: MasterConfig | SFTMasterConfig) -> None:
+def _check_output_dirs(config: MasterConfig | SFTMasterConfig | GRPOMasterConfig) -> None:
     if config["checkpointing"]["enabled"]:
         check_writable_dir(
             config["checkpointing"]["checkpoint_dir"], "checkpointing.checkpoint_dir"
@@ -679,26 +802,41 @@ def _check_batch_sizes(
     A group is the rows that stay together: 2 for a preference pair, 1 for an SFT sequence.
     ``section`` is ``config[algorithm]``, the section holding ``val_global_batch_size``.
     """
-    policy, micro_batch = config["policy"], config["policy"]["micro_batch"]
+    gbs = config["policy"]["train_global_batch_size"]
+    _check_global_batch(config, "policy.train_global_batch_size", gbs, "train", group_size)
+    val_key, val_gbs = f"{algorithm}.val_global_batch_size", section["val_global_batch_size"]
+    _check_global_batch(config, val_key, val_gbs, "logprob", group_size)
+
+
+def _check_global_batch(
+    config: MasterConfig | SFTMasterConfig | GRPOMasterConfig,
+    gbs_key: str,
+    gbs: int,
+    purpose: Literal["train", "logprob"],
+    group_size: int,
+) -> None:
+    """`gbs` rows split into whole groups per worker, and `policy.micro_batch.<purpose>` rows
+    (when the unit is rows) into whole groups that divide a worker's share."""
+    micro_batch = config["policy"]["micro_batch"]
     workers = num_workers(config["cluster"])
-    whole = " into whole pairs (2 sequences each)" if group_size == 2 else " evenly"
-    for gbs_key, gbs, purpose in (
-        ("policy.train_global_batch_size", policy["train_global_batch_size"], "train"),
-        (f"{algorithm}.val_global_batch_size", section["val_global_batch_size"], "logprob"),
-    ):  # fmt: skip
-        if gbs % (group_size * workers):
-            raise ConfigError(
-                f"{gbs_key}={gbs} must split{whole} over {workers} workers "
-                f"(cluster.gpus_per_node x cluster.num_nodes): use a multiple of "
-                f"{group_size * workers}"
-            )
-        rows = micro_batch[purpose]
-        if micro_batch["unit"] == "rows" and (rows % group_size or (gbs // workers) % rows):
-            even = " be even (whole pairs) and" if group_size == 2 else ""
-            raise ConfigError(
-                f"policy.micro_batch.{purpose}={rows} rows must{even} divide the {gbs // workers} "
-                f"sequences each of the {workers} workers gets of {gbs_key}={gbs}"
-            )
+    whole = {1: " evenly", 2: " into whole pairs (2 sequences each)"}.get(
+        group_size, f" into whole groups of {group_size} rows"
+    )
+    if gbs % (group_size * workers):
+        raise ConfigError(
+            f"{gbs_key}={gbs} must split{whole} over {workers} workers "
+            f"(cluster.gpus_per_node x cluster.num_nodes): use a multiple of "
+            f"{group_size * workers}"
+        )
+    rows = micro_batch[purpose]
+    if micro_batch["unit"] == "rows" and (rows % group_size or (gbs // workers) % rows):
+        multiple = {1: "", 2: " be even (whole pairs) and"}.get(
+            group_size, f" be a multiple of {group_size} (whole groups) and"
+        )
+        raise ConfigError(
+            f"policy.micro_batch.{purpose}={rows} rows must{multiple} divide the {gbs // workers} "
+            f"sequences each of the {workers} workers gets of {gbs_key}={gbs}"
+        )
 
 
 def check_writable_dir(path: str, key: str) -> None:
@@ -727,7 +865,7 @@ _PATH_KEYS = (
 )
 
 
-def resolve_local_paths(config: MasterConfig | SFTMasterConfig) -> None:
+def resolve_local_paths(config: MasterConfig | SFTMasterConfig | GRPOMasterConfig) -> None:
     """Make the shipped configs work from any working directory, in place.
 
     A relative path in a model or data key is taken from the working directory when it exists

@@ -2,6 +2,7 @@
 (rl_toolkit.data.prompts): datasets, tokenisation, collate, resumable loaders."""
 
 from rl_toolkit.data.collate import (
+    answer_sft_batch,
     pad_batch_to,
     preference_collate_fn,
     prompt_collate_fn,
@@ -39,6 +40,7 @@ __all__ = [
     "pad_batch_to",
     "preference_collate_fn",
     "prompt_collate_fn",
+    "answer_sft_batch",
     "repeat_prompts",
     "sft_collate_fn",
     "tokenize_preference_dataset",

@@ -209,6 +209,40 @@ def repeat_prompts(
     return BatchedDataDict(repeated, group_size=group_size)
 
 
+def answer_sft_batch(
+    prompts: BatchedDataDict[PromptBatch],
+    answers: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_total_sequence_length: int,
+) -> BatchedDataDict[SFTBatch]:
+    """Each prompt followed by its reference answer and EOS, the loss on the answer: the SFT
+    batch of a warm-up before RL (grpo.sft_warmup_steps).
+
+    The answer is tokenised on its own (no special tokens) and appended to the prompt's tokens,
+    as generation appends a completion; a row longer than `max_total_sequence_length` keeps its
+    first tokens.
+    """
+    rows, learned = [], []
+    for row, answer in enumerate(answers):
+        prompt = prompts["input_ids"][row, : prompts["input_lengths"][row]].tolist()
+        completion = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        rows.append((prompt + completion + [tokenizer.eos_token_id])[:max_total_sequence_length])
+        learned.append(len(prompt))
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.int64)
+    token_mask = torch.zeros(len(rows), width)
+    for row, (ids, start) in enumerate(zip(rows, learned, strict=True)):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        token_mask[row, start : len(ids)] = 1.0
+    return BatchedDataDict(
+        input_ids=input_ids,
+        input_lengths=torch.tensor([len(ids) for ids in rows], dtype=torch.int64),
+        token_mask=token_mask,
+        sample_mask=torch.ones(len(rows)),
+        sample_ids=prompts["prompt_ids"].clone(),
+    )
+
+
 def completion_texts(
     batch: BatchedDataDict[RolloutBatch], tokenizer: PreTrainedTokenizerBase
 ) -> list[str]:

@@ -1,8 +1,8 @@
 """EnvironmentWorker: the `env` section's environment as a plain class, and the thin Ray actor
 that hosts it for the driver (RayEnvironment).
 
-The worker owns the scoring processes (a TimeoutPool); in a Ray actor of one CPU they run next
-to it, off the driver, which only sends the batch's strings and gets N floats back.
+The worker owns the scoring processes (a TimeoutPool); in a Ray actor they run next to it, off
+the driver, which only sends the batch's strings and gets N floats back.
 """
 
 from typing import Any
@@ -46,7 +46,7 @@ class EnvironmentWorker:
 
 
 class RayEnvironment:
-    """The driver's handle on an EnvironmentWorker in a Ray actor of one CPU; an Environment.
+    """The driver's handle on an EnvironmentWorker in a Ray actor; an Environment.
 
     The reward function is loaded on the driver first, so that a wrong env.name or env.kwargs
     is one ConfigError line before any actor starts; a RewardError raised in the actor is
@@ -60,7 +60,10 @@ class RayEnvironment:
         load_reward_fn(env_config["name"], env_config["kwargs"])
         # Ray types the handle as "the handle or the class" (worker_groups.py), so it is Any
         # here, and ignored below where mypy still sees the assigned type.
-        self._actor: Any = ray.remote(num_cpus=1)(EnvironmentWorker).remote(env_config)
+        # num_cpus=0: the actor reserves none of Ray's CPUs. On a CPU-only machine the policy's
+        # bundles hold every core, so an actor asking for one would wait forever; and the
+        # scoring itself runs in the pool's own processes, which Ray does not count anyway.
+        self._actor: Any = ray.remote(num_cpus=0)(EnvironmentWorker).remote(env_config)
         # Wait until the worker is built, so that its error is raised here.
         ray.get(self._actor.__ray_ready__.remote())  # type: ignore[union-attr]
 

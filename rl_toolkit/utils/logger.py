@@ -33,6 +33,7 @@ from rich.table import Column
 from rl_toolkit.config_schema import LoggerConfig, WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"  # generated samples of RL validations (log_samples)
 _RESERVED_KEYS = ("step", "prefix")
 
 
@@ -71,9 +72,11 @@ class Logger:
         self.log_dir = Path(config["log_dir"])
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.log_dir / METRICS_FILE
-        _terminate_last_line(self.metrics_path)
-        if resume_step is not None:
-            _drop_steps_after(self.metrics_path, resume_step)
+        self.samples_path = self.log_dir / SAMPLES_FILE
+        for path in (self.metrics_path, self.samples_path):
+            _terminate_last_line(path)
+            if resume_step is not None:
+                _drop_steps_after(path, resume_step)
         self._tensorboard = None
         if config["tensorboard_enabled"]:
             from torch.utils.tensorboard import SummaryWriter
@@ -129,6 +132,29 @@ class Logger:
             self._tensorboard.flush()
         if self._wandb_run is not None:
             self._wandb_run.log({f"{prefix}/{n}": v for n, v in values.items()}, step=step)
+
+    def log_samples(self, samples: list[dict[str, Any]], step: int) -> None:
+        """Show a few generated samples: one line each on the console, appended to
+        samples.jsonl, and a wandb table.
+
+        Args:
+            samples: one dict a sample, e.g. prompt, completion and reward (JSON values).
+            step: the training step they were generated at.
+        """
+        for sample in samples:
+            _append_line(self.samples_path, json.dumps({"step": step, **sample}) + "\n")
+            self._print(f"[sample] step {step} | " + " | ".join(
+                f"{key} {value!r}" for key, value in sample.items()
+            ))  # fmt: skip
+        if self._wandb_run is not None and samples:
+            import wandb
+
+            columns = list(samples[0])
+            table = wandb.Table(
+                columns=list[str | int](columns),
+                data=[[str(s[c]) for c in columns] for s in samples],
+            )
+            self._wandb_run.log({"validation/samples": table}, step=step)
 
     def log_hyperparams(self, config: Mapping[str, Any]) -> None:
         """Record the resolved config (a plain nested dict) in TensorBoard and wandb."""
