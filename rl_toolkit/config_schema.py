@@ -355,6 +355,9 @@ class PGLossConfig(TypedDict):
         [importance_min, importance_max] are dropped), for the gap between the generator's and
         the trainer's log-probs.
     importance_min / importance_max: the bounds of that correction.
+    entropy_coef: weight of the entropy bonus: the loss subtracts entropy_coef times the
+        policy's per-token entropy, aggregated as the policy loss (0: off, and the entropy is
+        not computed).
     """
 
     policy_loss: Literal["ppo_clip", "cispo", "reinforce"]
@@ -370,6 +373,7 @@ class PGLossConfig(TypedDict):
     importance_correction: Literal["none", "tis", "icepop"]
     importance_min: Annotated[float, Ge(0)]
     importance_max: PositiveFloat
+    entropy_coef: Annotated[float, Ge(0)]
 
 
 def check_pg_loss_config(config: PGLossConfig, section: str) -> None:

@@ -530,7 +530,13 @@ class ClippedPGLossFn:
         times the importance weight of TIS / ICE-POP against the generator's log-probs
         (`generation_logprobs`);
     aggregated as configured, with the global counts of the batch (so the gradient does not
-    depend on the number of workers or the micro-batch size).
+    depend on the number of workers or the micro-batch size). With an entropy bonus c > 0
+    (`entropy_coef`), L = agg(per-token loss) - c * agg(H), where
+    H_t = -sum_v pi(v | y_<t) log pi(v | y_<t) is the current policy's entropy at token t,
+    aggregated the same way and not importance-weighted (Williams and Peng 1991, "Function
+    Optimization using Connectionist Reinforcement Learning Algorithms"; Mnih et al. 2016,
+    "Asynchronous Methods for Deep Reinforcement Learning", sec. 4: the entropy bonus of A3C).
+    The worker computes H in the chunked log-prob kernel, only when asked: `needs_entropy`.
 
     Args:
         cfg: the loss section (config_schema.PGLossConfig); checked here.
@@ -547,6 +553,8 @@ class ClippedPGLossFn:
             "reinforce": reinforce_loss,
         }
         self.policy_loss = losses[cfg["policy_loss"]]
+        # Read by the worker (LossFn): it passes `entropy` only when this is set.
+        self.needs_entropy = cfg["entropy_coef"] > 0
 
     def __call__(
         self,
@@ -554,6 +562,8 @@ class ClippedPGLossFn:
         data: dict[str, Any],
         global_valid_seqs: Tensor,
         global_valid_toks: Tensor,
+        *,
+        entropy: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """This micro-batch's share of the global-batch loss, and additive metrics.
 
@@ -564,10 +574,13 @@ class ClippedPGLossFn:
                 `reference_policy_logprobs` (each `[b, T]`).
             global_valid_seqs, global_valid_toks: 0-d tensors, the valid completions and their
                 generated tokens in the global batch.
+            entropy: `[b, T]` entropies of the current policy's next-token distributions, 0
+                off the generated tokens; required when `needs_entropy`.
 
         Returns:
             (loss, metrics): metrics sum over micro-batches and workers to global-batch values
-            (`kl`, `clip_fraction`, `importance_dropped` are means over generated tokens).
+            (`kl`, `clip_fraction`, `importance_dropped` and, when given, `entropy` are means
+            over generated tokens).
         """
         cfg = self.cfg
         mask = data["token_mask"] * data["sample_mask"][:, None]  # (b, T)
@@ -581,6 +594,10 @@ class ClippedPGLossFn:
                 per_token = per_token + cfg["reference_policy_kl_penalty"] * kl
         weight, dropped = self._importance_weight(old, data, mask)
         loss = self._aggregate(per_token * weight, mask, global_valid_seqs, global_valid_toks)
+        if self.needs_entropy:
+            assert entropy is not None, "entropy_coef > 0: the worker passes entropy="
+            bonus = self._aggregate(entropy, mask, global_valid_seqs, global_valid_toks)
+            loss = loss - cfg["entropy_coef"] * bonus
         with torch.no_grad():
             clip_max, clip_min = 1 + cfg["ratio_clip_max"], 1 - cfg["ratio_clip_min"]
             clipped = ((ratio > clip_max) | (ratio < clip_min)).float()
@@ -592,6 +609,8 @@ class ClippedPGLossFn:
                 "importance_dropped": ((dropped * mask).sum() / toks).item(),
                 "num_valid_samples": int(data["sample_mask"].sum().item()),
             }
+            if entropy is not None:
+                metrics["entropy"] = ((entropy * mask).sum() / toks).item()
         return loss, metrics
 
     def _ratio(self, logprobs: Tensor, old: Tensor, mask: Tensor) -> Tensor:

@@ -105,6 +105,7 @@ def config(**overrides) -> PGLossConfig:
         "importance_correction": "none",
         "importance_min": 0.5,
         "importance_max": 2.0,
+        "entropy_coef": 0.0,
     }
     return {**base, **overrides}  # type: ignore[typeddict-item]
 
@@ -127,6 +128,12 @@ def rollout(seed: int = 0) -> tuple[torch.Tensor, dict]:
         "reference_policy_logprobs": logprobs - 0.2,
     }
     return logprobs.requires_grad_(), data
+
+
+def entropies(data: dict) -> torch.Tensor:
+    """Per-token entropies `[4, 5]` in (0, 3), 0 off the generated tokens, as the worker passes."""
+    generator = torch.Generator().manual_seed(9)
+    return 3 * torch.rand(4, 5, generator=generator, dtype=torch.float64) * data["token_mask"]
 
 
 def counts(data: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,18 +180,56 @@ def test_aggregations_by_hand(aggregation: str) -> None:
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
 def test_any_split_of_the_batch_gives_the_same_loss_and_gradient(aggregation: str) -> None:
     logprobs, data = rollout(2)
-    loss_fn = ClippedPGLossFn(config(aggregation=aggregation, reference_policy_kl_penalty=0.1))
-    whole, _ = loss_fn(logprobs, data, *counts(data))
-    (whole_grad,) = torch.autograd.grad(whole, logprobs)
-    parts, grads = 0.0, []
+    entropy = entropies(data).requires_grad_()
+    loss_fn = ClippedPGLossFn(
+        config(aggregation=aggregation, reference_policy_kl_penalty=0.1, entropy_coef=0.01)
+    )
+    whole, whole_metrics = loss_fn(logprobs, data, *counts(data), entropy=entropy)
+    whole_grads = torch.autograd.grad(whole, [logprobs, entropy])
+    parts, entropy_metric, grads = 0.0, 0.0, []
     for rows in ([0], [1, 2, 3]):
         part_data = {key: value[rows] for key, value in data.items()}
         part_logprobs = logprobs.detach()[rows].requires_grad_()
-        part, _ = loss_fn(part_logprobs, part_data, *counts(data))  # global counts
+        part_entropy = entropy.detach()[rows].requires_grad_()
+        # global counts
+        part, metrics = loss_fn(part_logprobs, part_data, *counts(data), entropy=part_entropy)
         parts += part.item()
-        grads.append(torch.autograd.grad(part, part_logprobs)[0])
+        entropy_metric += metrics["entropy"]
+        grads.append(torch.autograd.grad(part, [part_logprobs, part_entropy]))
     assert parts == pytest.approx(whole.item(), rel=1e-12)
-    torch.testing.assert_close(torch.cat(grads), whole_grad)
+    assert entropy_metric == pytest.approx(whole_metrics["entropy"], rel=1e-12)
+    for index, whole_grad in enumerate(whole_grads):
+        torch.testing.assert_close(torch.cat([grad[index] for grad in grads]), whole_grad)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "sum_norm"])
+def test_entropy_bonus_by_hand(aggregation: str) -> None:
+    logprobs, data = rollout(6)
+    entropy = entropies(data).requires_grad_()
+    overrides: dict = {"aggregation": aggregation}
+    if aggregation == "sum_norm":
+        overrides = {"aggregation": "seq_mean_token_sum_norm", "sum_norm_length": 8}
+    without, without_metrics = ClippedPGLossFn(config(**overrides))(logprobs, data, *counts(data))
+    loss_fn = ClippedPGLossFn(config(**overrides, entropy_coef=0.3))
+    loss, metrics = loss_fn(logprobs, data, *counts(data), entropy=entropy)
+    # L = L_pg - 0.3 * agg(H), with agg the policy loss's aggregation over the 3 valid rows.
+    rows = [entropy[row][data["token_mask"][row] > 0].tolist() for row in range(3)]
+    if aggregation == "token_mean":
+        bonus = sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    elif aggregation == "seq_mean_token_mean":
+        bonus = sum(sum(r) / len(r) for r in rows) / 3
+    else:
+        bonus = sum(sum(r) for r in rows) / (3 * 8)
+    assert loss.item() == pytest.approx(without.item() - 0.3 * bonus, rel=1e-9, abs=1e-12)
+    # The metric is the token mean whatever the aggregation, and only when entropy is given.
+    token_mean = sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    assert metrics["entropy"] == pytest.approx(token_mean, rel=1e-9)
+    assert "entropy" not in without_metrics
+    assert loss_fn.needs_entropy and not ClippedPGLossFn(config()).needs_entropy
+    # The gradient reaches the entropy of the valid rows' generated tokens only.
+    (grad,) = torch.autograd.grad(loss, entropy)
+    mask = data["token_mask"] * data["sample_mask"][:, None]
+    assert torch.all(grad[mask == 0] == 0) and torch.all(grad[mask > 0] < 0)
 
 
 def test_gspo_uses_one_ratio_per_completion() -> None:

@@ -1,5 +1,6 @@
 """The plain FSDP2 policy worker in this process (world size 1, gloo), without Ray."""
 
+import copy
 import math
 import pickle
 from collections.abc import Iterator
@@ -8,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rl_toolkit.algorithms.loss_functions import DPOLossFn
+from rl_toolkit.algorithms.loss_functions import ClippedPGLossFn, DPOLossFn
 from rl_toolkit.config_schema import MicroBatches, PolicyConfig
 from rl_toolkit.models.policy.worker import PolicyWorker
 from rl_toolkit.utils.config import validate_config
@@ -27,6 +28,7 @@ from tests.unit.policy_testing import (
     sequence_margin_loss,
     token_nll_loss,
 )
+from tests.unit.test_pg_losses import config as pg_loss_config
 
 
 @pytest.fixture
@@ -302,6 +304,49 @@ def test_activation_checkpointing_gives_the_same_step(tiny, packing):
         results.append(_parameters(worker))
         worker.shutdown()
     torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
+
+
+def _naive_entropy(model: torch.nn.Module, data) -> torch.Tensor:
+    """``[N, T]``: at position t the entropy of the full-vocabulary distribution over token t."""
+    input_ids, lengths = data["input_ids"], data["input_lengths"]
+    positions = torch.arange(input_ids.shape[1])[None, :]
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=(positions < lengths[:, None]).long()).logits
+    logprobs = torch.log_softmax(logits.float(), -1)[:, :-1]
+    return torch.nn.functional.pad(-(logprobs.exp() * logprobs).sum(-1), (1, 0))
+
+
+def test_entropy_bonus_step_is_the_same_for_any_micro_batch_split(tiny):
+    data = make_batch(seed=12)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, 1.0, 1.0])
+    data["advantages"] = advantages[:, None] * data["token_mask"]  # (N, T)
+    loss_fn = ClippedPGLossFn(pg_loss_config(entropy_coef=0.1))
+    mask = data["token_mask"] * data["sample_mask"][:, None]
+    expected_entropy = (_naive_entropy(tiny[1], data) * mask).sum() / mask.sum()
+    # lr 1e-3: Adam moves a ~0 gradient element by ~lr whatever its rounding (see the SFT
+    # invariance test).
+    optimizer = {"name": "torch.optim.AdamW", "kwargs": {"lr": 1.0e-3, "weight_decay": 0.0}}
+    metrics, weights = [], []
+    # One micro-batch of 8 rows, two of 4, and packed rows of at most 24 tokens.
+    for micro_batches in (
+        MicroBatches(packed=False, size=8),
+        MicroBatches(packed=False, size=4),
+        PACKED_TRAIN_MBS,
+    ):
+        worker = new_worker(make_config(tiny[0], optimizer=optimizer))
+        metrics.append(worker.train(copy.deepcopy(data), loss_fn, micro_batches))
+        weights.append(_parameters(worker))
+        worker.shutdown()
+
+    # The loss and metric are those of the initial weights (the loss runs before the step); on
+    # policy the ratio is 1: L = -mean(A) - 0.1 * mean(H) over the generated tokens.
+    assert metrics[0]["entropy"] == pytest.approx(expected_entropy.item(), rel=1e-5)
+    expected_loss = -(data["advantages"] * mask).sum() / mask.sum() - 0.1 * expected_entropy
+    assert metrics[0]["loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+    for other, other_weights in zip(metrics[1:], weights[1:], strict=True):
+        for key in ("loss", "entropy", "grad_norm"):
+            assert other[key] == pytest.approx(metrics[0][key], abs=1e-6), key
+        torch.testing.assert_close(other_weights, weights[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.gpu

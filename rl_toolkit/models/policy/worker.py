@@ -44,16 +44,15 @@ from rl_toolkit.models.generation.rollout import new_token_budgets, rollout_batc
 from rl_toolkit.models.generation.sampling import row_seed, sampling_uniforms
 from rl_toolkit.models.optim import build_optimizer, build_scheduler
 from rl_toolkit.models.packing import micro_batch_rows, pack_rows
-from rl_toolkit.models.policy.logprobs import LogprobModel
+from rl_toolkit.models.policy.logprobs import LogprobModel, TokenOutputs
 from rl_toolkit.models.policy.reference import ReferenceWeights
 from rl_toolkit.utils.config import ConfigError
 
 # loss, metrics = loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks);
 # micro_batch is a BatchedDataDict[PreferenceBatch] or [SFTBatch] (rl_toolkit/data/collate.py).
-LossFn = Callable[
-    [torch.Tensor, BatchedDataDict, torch.Tensor, torch.Tensor],
-    tuple[torch.Tensor, dict[str, Any]],
-]
+# A loss that reads per-token entropies says so with an attribute `needs_entropy = True`; it is
+# then called with `entropy=` [b, T] as a keyword as well (only then does the kernel compute it).
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
 _ONE_ROW = MicroBatches(packed=False, size=1)  # the micro-batch of a dummy forward
 _REFERENCE_DIR = "reference"  # sub-directory of a weights checkpoint holding a synced reference
@@ -155,16 +154,23 @@ class PolicyWorker:
                 if step < len(rows_per_step):
                     rows = rows_per_step[step]
                     micro_batch = data.select_indices(rows).to(self.device)
-                    logprobs[rows] = self._forward(micro_batch, micro_batches, response_only).cpu()
+                    outputs = self._forward(micro_batch, micro_batches, response_only)
+                    logprobs[rows] = outputs.logprobs.cpu()
                 else:
                     self._forward(_dummy_micro_batch(self.device), micro_batches, False)
         reshard_all(self.model)
         return logprobs
 
     def _forward(
-        self, micro_batch: BatchedDataDict, micro_batches: MicroBatches, response_only: bool
-    ) -> torch.Tensor:
-        """Log-probs ``[b, T]`` of a micro-batch, packed into one row when ``packed``.
+        self,
+        micro_batch: BatchedDataDict,
+        micro_batches: MicroBatches,
+        response_only: bool,
+        *,
+        with_entropy: bool = False,
+    ) -> TokenOutputs:
+        """Log-probs (and entropies) ``[b, T]`` of a micro-batch, packed into one row when
+        ``packed``.
 
         Only positions ``1 <= t < input_lengths`` are scored, and with ``response_only`` only
         those where ``token_mask`` is set; every other position is 0.0.
@@ -185,12 +191,23 @@ class PolicyWorker:
                 cu_seq_lens[rows] + cols,
                 position_ids=position_ids,
                 cu_seq_lens=cu_seq_lens.to(torch.int32),
+                with_entropy=with_entropy,
             )
         else:
             attention_mask = (positions[None, :] < input_lengths[:, None]).long()  # (b, T)
-            flat = self.model(input_ids, rows * seq_len + cols, attention_mask=attention_mask)
-        logprobs = torch.zeros(scored.shape, dtype=flat.dtype, device=flat.device)
-        return logprobs.index_put((rows, cols), flat)  # (b, T), differentiable
+            flat = self.model(
+                input_ids,
+                rows * seq_len + cols,
+                attention_mask=attention_mask,
+                with_entropy=with_entropy,
+            )
+
+        def unflatten(values: torch.Tensor) -> torch.Tensor:  # (n,) -> (b, T), differentiable
+            grid = torch.zeros(scored.shape, dtype=values.dtype, device=values.device)
+            return grid.index_put((rows, cols), values)
+
+        entropy = None if flat.entropy is None else unflatten(flat.entropy)
+        return TokenOutputs(unflatten(flat.logprobs), entropy)
 
     # ----- generation -----
 
@@ -267,8 +284,9 @@ class PolicyWorker:
         Args:
             data: this worker's rows of the global batch (docs/design.md, "The preference batch").
             loss_fn: called per micro-batch as
-                ``loss_fn(logprobs, micro_batch, global_valid_seqs, global_valid_toks)``;
-                ``logprobs [b, T]`` are scored on the response tokens (``token_mask``) only and
+                ``loss_fn(logprobs, micro_batch, global_valid_seqs, global_valid_toks)``, plus
+                ``entropy=`` when it has ``needs_entropy = True``; ``logprobs [b, T]`` (and
+                ``entropy [b, T]``) are scored on the response tokens (``token_mask``) only and
                 are 0.0 elsewhere, since the losses read nothing else.
             micro_batches: how to cut the shard (the driver's ``policy.micro_batch.train``).
 
@@ -311,6 +329,7 @@ class PolicyWorker:
         counts = self._global_counts(data)
         self.model.train(backward)
         sums: dict[str, torch.Tensor] = {}
+        needs_entropy = getattr(loss_fn, "needs_entropy", False)  # see LossFn
         rows_per_step = micro_batch_rows(
             data["input_lengths"].cpu(), data.group_size, micro_batches
         )
@@ -321,9 +340,16 @@ class PolicyWorker:
                     self._dummy_step(micro_batches, backward)  # keeps FSDP2's collectives in step
                     continue
                 micro_batch = data.select_indices(rows_per_step[step])
-                logprobs = self._forward(micro_batch, micro_batches, response_only=True)  # (b, T)
+                outputs = self._forward(
+                    micro_batch, micro_batches, response_only=True, with_entropy=needs_entropy
+                )  # (b, T) each
+                extra = {"entropy": outputs.entropy} if needs_entropy else {}
                 loss, metrics = loss_fn(
-                    logprobs, micro_batch, counts["num_valid_seqs"], counts["num_valid_tokens"]
+                    outputs.logprobs,
+                    micro_batch,
+                    counts["num_valid_seqs"],
+                    counts["num_valid_tokens"],
+                    **extra,
                 )
                 if backward:
                     loss.backward()
@@ -333,7 +359,7 @@ class PolicyWorker:
         return all_reduce_sum(sums, self.device) | {k: float(v) for k, v in counts.items()}
 
     def _dummy_step(self, micro_batches: MicroBatches, backward: bool) -> None:
-        logprobs = self._forward(_dummy_micro_batch(self.device), micro_batches, False)
+        logprobs = self._forward(_dummy_micro_batch(self.device), micro_batches, False).logprobs
         if backward:
             (logprobs.sum() * 0.0).backward()  # zero gradients, but every reduce-scatter runs
 
