@@ -64,7 +64,9 @@ def test_the_embedded_default_learns(straight_run) -> None:
     assert validation[30]["pass@4"] >= validation[30]["reward"]
     assert train[30]["reward"] > train[1]["reward"]
     assert "Done at step 30: validation reward" in result.stdout
-    assert "[validation] step 30 | reward" in result.stdout and "[sample] step 30 |" in result.stdout
+    assert (
+        "[validation] step 30 | reward" in result.stdout and "[sample] step 30 |" in result.stdout
+    )
     samples = [json.loads(line) for line in (out / "logs" / "samples.jsonl").open()]
     assert [s["step"] for s in samples] == [0, 0, 10, 10, 20, 20, 30, 30]
     assert set(samples[0]) == {"step", "prompt", "completion", "reward"}
@@ -92,7 +94,9 @@ def test_killed_after_a_checkpoint_resumes_bit_identically(
     for step in range(11, 21):  # sampled tokens, rewards and updates all equal
         for key in ("reward", "loss", "grad_norm", "response_length", "global_num_tokens"):
             assert got[step][key] == expected[step][key], (step, key)
-    expected_val, got_val = (read_metrics(run / metrics, "validation") for run in (straight, tmp_path))
+    expected_val, got_val = (
+        read_metrics(run / metrics, "validation") for run in (straight, tmp_path)
+    )
     assert got_val[20] == expected_val[20]
     expected_weights = load_file(straight / "ckpt" / "step_20" / "hf" / "model.safetensors")
     got_weights = load_file(tmp_path / "ckpt" / "step_20" / "hf" / "model.safetensors")

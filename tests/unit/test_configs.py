@@ -1,4 +1,6 @@
-"""The shipped configs load and validate against MasterConfig (nothing is downloaded)."""
+"""The shipped DPO configs load and validate against MasterConfig (nothing is downloaded).
+
+SFT's and GRPO's are tested in test_sft_config.py and test_grpo_recipe.py."""
 
 import re
 from pathlib import Path
@@ -12,7 +14,11 @@ from rl_toolkit.utils.config import load_config, load_yaml_with_defaults
 from rl_toolkit.utils.hf_export import check_hf_export_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-RECIPES = sorted((CONFIGS / "recipes").glob("*.yaml"))
+RECIPES = sorted(
+    path
+    for path in (CONFIGS / "recipes").glob("*.yaml")
+    if "\ndefaults: ../dpo.yaml\n" in path.read_text()
+)
 TINY = CONFIGS / "dpo_tiny.yaml"
 
 
@@ -41,14 +47,15 @@ def test_the_embedded_default_is_a_small_override_of_the_base() -> None:
     assert config["policy"]["random_init"] is True and config["cluster"]["gpus_per_node"] == 2
 
 
-def test_every_default_is_commented() -> None:
+@pytest.mark.parametrize("name", ["dpo.yaml", "grpo.yaml"])
+def test_every_default_is_commented(name: str) -> None:
     # Every key with a value says what it is; the scheduler entries are explained above the list.
-    lines = (CONFIGS / "dpo.yaml").read_text().splitlines()
+    lines = (CONFIGS / name).read_text().splitlines()
     for number, line in enumerate(lines, 1):
         if re.match(r"^\s*[a-z_]+: \S", line) and not re.match(
             r"^\s+(- )?(name|kwargs|start_factor|end_factor|total_iters|factor|milestones):", line
         ):
-            assert "#" in line, f"configs/dpo.yaml:{number} has no comment: {line.strip()}"
+            assert "#" in line, f"configs/{name}:{number} has no comment: {line.strip()}"
 
 
 def test_recipes_only_set_keys_the_base_has() -> None:

@@ -23,7 +23,7 @@ from rl_toolkit.data import answer_sft_batch, prompt_collate_fn
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.environments import EnvironmentResult
 from rl_toolkit.models.generation.rollout import Responses, rollout_batch
-from rl_toolkit.utils.config import ConfigError, load_config
+from rl_toolkit.utils.config import ConfigError, load_config, load_yaml_with_defaults
 from tests.unit.policy_testing import make_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +57,16 @@ def test_the_recipes_change_what_their_papers_change() -> None:
     assert dr["loss_fn"]["aggregation"] == "seq_mean_token_sum_norm"
     assert dr["loss_fn"]["sum_norm_length"] == dr["policy"]["generation"]["max_new_tokens"]
     assert gspo["loss_fn"]["ratio_level"] == "sequence"
+
+
+def test_the_embedded_default_and_recipes_only_set_keys_the_base_has() -> None:
+    base = set(load_yaml_with_defaults(BASE).sources)
+    for path in (TINY, *RECIPES):
+        keys = set(load_yaml_with_defaults(path).sources)
+        assert keys <= base | {k for k in keys if k.startswith("policy.scheduler")}, path
+    config = tiny()
+    assert config["policy"]["random_init"] is True and config["env"]["name"] == "tiny_first"
+    assert config["loss_fn"]["reference_policy_kl_penalty"] == 0  # no reference model
 
 
 def one_line_error(*overrides: str) -> str:
@@ -263,7 +273,9 @@ class ValLoader(list):
 def test_validation_is_greedy_with_one_generation_and_reports_pass_at_k() -> None:
     loader = ValLoader([prompts([0, 1, 2]), prompts([3, 4])])
     table = {i: [float(i == 1), 1.0, 0.0] for i in range(5)}
-    config = tiny("grpo.max_val_samples=4", "grpo.num_val_samples_to_log=2")
+    config = tiny(
+        "grpo.max_val_samples=4", "grpo.num_val_samples_to_log=2", "grpo.val_num_generations=1"
+    )
     generation = FakeGeneration()
     metrics, samples = validate(
         generation, loader, TableEnvironment(table), make_tokenizer(), 5, config
