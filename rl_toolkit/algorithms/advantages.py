@@ -117,12 +117,3 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
     """
     groups = _groups(rewards, group_size)
     return (groups == groups[:, :1]).all(dim=1)
-
-
-# grpo.adv_estimator -> the estimator: (rewards [N], group_size) -> advantages [N].
-ADVANTAGE_ESTIMATORS: dict[AdvantageEstimator, Callable[[Tensor, int], Tensor]] = {
-    "grpo": grpo_advantages,
-    "dr_grpo": dr_grpo_advantages,
-    "rloo": rloo_advantages,
-    "reinforce_pp": reinforce_pp_advantages,
-}

@@ -22,6 +22,7 @@ from rl_toolkit.algorithms.loss_functions import DPOLossFn, validate_dpo_loss_co
 from rl_toolkit.algorithms.utils import (
     build_cluster,
     build_policy,
+    check_runtime_config,
     log_step,
     log_timing,
     log_validation,
@@ -45,17 +46,13 @@ from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import (
     RayVirtualCluster,
     check_cluster_fits,
-    check_worker_env_vars,
 )
-from rl_toolkit.models.attention import check_attn_implementation
-from rl_toolkit.models.optim import check_optimizer_config
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
 from rl_toolkit.utils.checkpoint import (
     CheckpointManager,
 )
 from rl_toolkit.utils.hf import warn_if_random_init_of_trained_model
-from rl_toolkit.utils.hf_export import check_hf_export_config
 from rl_toolkit.utils.logger import Logger
 from rl_toolkit.utils.timer import Timer
 
@@ -184,10 +181,7 @@ def check_config(master_config: MasterConfig) -> None:
     """
     check_master_config(master_config)
     validate_dpo_loss_config(master_config["dpo"])
-    check_attn_implementation(master_config["policy"]["attn_implementation"])
-    check_optimizer_config(master_config["policy"])
-    check_hf_export_config(master_config["checkpointing"])
-    check_worker_env_vars(master_config["cluster"]["worker_env_vars"])
+    check_runtime_config(master_config)
 
 
 # ---------------------------------------------------------------------------------------------

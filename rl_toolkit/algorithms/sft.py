@@ -25,6 +25,7 @@ from rl_toolkit.algorithms.loss_functions import NLLLossFn
 from rl_toolkit.algorithms.utils import (
     build_cluster,
     build_policy,
+    check_runtime_config,
     log_step,
     log_timing,
     log_validation,
@@ -42,16 +43,12 @@ from rl_toolkit.data.sft import SFTSequenceDataset
 from rl_toolkit.distributed.virtual_cluster import (
     RayVirtualCluster,
     check_cluster_fits,
-    check_worker_env_vars,
 )
-from rl_toolkit.models.attention import check_attn_implementation
-from rl_toolkit.models.optim import check_optimizer_config
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.utils.checkpoint import (
     CheckpointManager,
 )
 from rl_toolkit.utils.hf import warn_if_random_init_of_trained_model
-from rl_toolkit.utils.hf_export import check_hf_export_config
 from rl_toolkit.utils.logger import Logger
 from rl_toolkit.utils.timer import Timer
 
@@ -177,10 +174,7 @@ def check_config(master_config: MasterConfig) -> None:
         ConfigError: one line naming the key and what would be right.
     """
     check_sft_config(master_config)
-    check_attn_implementation(master_config["policy"]["attn_implementation"])
-    check_optimizer_config(master_config["policy"])
-    check_hf_export_config(master_config["checkpointing"])
-    check_worker_env_vars(master_config["cluster"]["worker_env_vars"])
+    check_runtime_config(master_config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from rl_toolkit.config_schema import CheckpointingConfig, ClusterConfig, PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster
+from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, check_worker_env_vars
+from rl_toolkit.models.attention import check_attn_implementation
+from rl_toolkit.models.optim import check_optimizer_config
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
 from rl_toolkit.models.policy.worker import PolicyWorker
@@ -29,7 +31,7 @@ from rl_toolkit.utils.checkpoint import (
     save_rng_state,
 )
 from rl_toolkit.utils.config import save_config
-from rl_toolkit.utils.hf_export import parse_shard_size, push_to_hub
+from rl_toolkit.utils.hf_export import check_hf_export_config, parse_shard_size, push_to_hub
 from rl_toolkit.utils.logger import Logger
 from rl_toolkit.utils.timer import Timer, tokens_per_second
 
@@ -95,6 +97,19 @@ def resume_loader_and_logger(
     logger = Logger(master_config["logger"], resume_step=resume_step)
     logger.log_hyperparams(master_config)
     return logger
+
+
+def check_runtime_config(master_config: Mapping[str, Any]) -> None:
+    """The checks every recipe shares that need torch: the attention implementation, an
+    optimizer dry run, the HF export settings and the worker environment variables.
+
+    Raises:
+        ConfigError: one line naming the key and what would be right.
+    """
+    check_attn_implementation(master_config["policy"]["attn_implementation"])
+    check_optimizer_config(master_config["policy"])
+    check_hf_export_config(master_config["checkpointing"])
+    check_worker_env_vars(master_config["cluster"]["worker_env_vars"])
 
 
 # ---------------------------------------------------------------------------------------------
