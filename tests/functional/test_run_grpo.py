@@ -6,38 +6,26 @@ and the checkpoint folders.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from rl_toolkit.utils.logger import read_metrics
+from tests.functional.recipe_runs import run_recipe
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 # The embedded default as it ships (30 steps, validation and a checkpoint every 10).
 SAVING = ["checkpointing.keep_top_k=null"]
 
 
 def run_grpo(env: dict, out: Path, *overrides: str, crash_at_step: int | None = None):
     """examples/run_grpo.py; with `crash_at_step` it dies right after that step's checkpoint is
-    complete (tests/functional/crash_at_checkpoint.py), before anything else happens."""
-    args = [f"checkpointing.checkpoint_dir={out / 'ckpt'}", f"logger.log_dir={out / 'logs'}"]
-    command = [sys.executable, str(REPO / "examples" / "run_grpo.py")]
-    if crash_at_step is not None:
-        harness = REPO / "tests" / "functional" / "crash_at_checkpoint.py"
-        command = [sys.executable, str(harness), "examples/run_grpo.py"]
-        env = {**env, "CRASH_POINT": "after_finalize", "CRASH_STEP": str(crash_at_step)}
-    return subprocess.run(
-        [*command, *args, *SAVING, *overrides],
-        cwd=out,  # not the checkout: the shipped config and assets are found from anywhere
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    complete, before anything else happens."""
+    return run_recipe(
+        "run_grpo.py", env, out, *SAVING, *overrides, crash_point="after_finalize",
+        crash_at_step=crash_at_step,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ checkpoint folders.
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl_toolkit.data.sft import tokenize_sft_row
 from rl_toolkit.utils.logger import read_metrics
+from tests.functional.recipe_runs import run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -30,22 +30,11 @@ SAVING = [
 
 
 def run_sft(env: dict, out: Path, *overrides: str, crash_at_step: int | None = None):
-    """examples/run_sft.py; with `crash_at_step` it dies while saving that step's checkpoint
-    (tests/functional/crash_at_checkpoint.py)."""
-    args = [f"checkpointing.checkpoint_dir={out / 'ckpt'}", f"logger.log_dir={out / 'logs'}"]
-    command = [sys.executable, str(REPO / "examples" / "run_sft.py")]
-    if crash_at_step is not None:
-        harness = REPO / "tests" / "functional" / "crash_at_checkpoint.py"
-        command = [sys.executable, str(harness), "examples/run_sft.py"]
-        env = {**env, "CRASH_POINT": "saving", "CRASH_STEP": str(crash_at_step)}
-    return subprocess.run(
-        [*command, *args, *SAVING, *overrides],
-        cwd=out,  # not the checkout: the shipped config and assets are found from anywhere
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """examples/run_sft.py; with `crash_at_step` it dies while saving that step's checkpoint."""
+    return run_recipe(
+        "run_sft.py", env, out, *SAVING, *overrides, crash_point="saving",
+        crash_at_step=crash_at_step,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
