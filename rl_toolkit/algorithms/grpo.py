@@ -152,6 +152,13 @@ def setup(
         master_config["cluster"], "grpo_policy", num_worker_groups=2 if colocated_engines else 1
     )
     loss_fn = ClippedPGLossFn(master_config["loss_fn"])
+    engines = None  # started before the policy: vLLM sizes its memory by what is free then
+    if generation["backend"] == "vllm":
+        engines = VllmGeneration.start(
+            cluster, policy_config, tokenizer,
+            worker_timeout_s=master_config["cluster"]["worker_timeout_s"],
+            worker_env_vars=master_config["cluster"]["worker_env_vars"],
+        )  # fmt: skip
     policy = build_policy(
         cluster,
         policy_config,
@@ -161,15 +168,8 @@ def setup(
         reference_cache=None,
         resume_path=resume_path,
     )
-    policy_generation: GenerationInterface = policy
-    if generation["backend"] == "vllm":
-        policy_generation = VllmGeneration.start(
-            cluster, policy_config, tokenizer,
-            worker_timeout_s=master_config["cluster"]["worker_timeout_s"],
-            worker_env_vars=master_config["cluster"]["worker_env_vars"],
-        )  # fmt: skip
     return (
-        policy, policy_generation, cluster, train_dataloader, val_dataloader, loss_fn, logger,
+        policy, engines or policy, cluster, train_dataloader, val_dataloader, loss_fn, logger,
         checkpointer, grpo_save_state, master_config,
     )  # fmt: skip
 

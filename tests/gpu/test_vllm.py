@@ -76,14 +76,15 @@ def cluster(ray_session: None) -> Iterator[RayVirtualCluster]:
 
 
 def start(cluster: RayVirtualCluster, config: PolicyConfig) -> tuple[Policy, VllmGeneration]:
+    """The engine first, then the policy (as grpo.setup: vLLM sizes its memory by what is free)."""
     tokenizer = make_tokenizer()
+    generation = VllmGeneration.start(
+        cluster, config, tokenizer, worker_timeout_s=WORKER_TIMEOUT_S, worker_env_vars=[]
+    )
     policy = Policy(
         cluster, config, tokenizer, init_optimizer=False, init_reference_model=False,
         worker_timeout_s=WORKER_TIMEOUT_S, worker_env_vars=[],
     )  # fmt: skip
-    generation = VllmGeneration.start(
-        cluster, config, tokenizer, worker_timeout_s=WORKER_TIMEOUT_S, worker_env_vars=[]
-    )
     return policy, generation
 
 
