@@ -22,4 +22,6 @@ print(f"vllm {importlib.metadata.version('vllm')}, torch {torch.__version__}, "
       f"{torch.cuda.get_device_name()}")
 PY
 # -m gpu: only the GPU checks; -s: show the figures; the timeout keeps a hang from eating a draw.
-timeout 290 uv run --extra vllm pytest -q -s -m gpu tests/gpu/test_vllm.py -p no:cacheprovider
+# With them, the policy worker's GPU test, which moves the optimizer state to host and back.
+timeout 290 uv run --extra vllm pytest -q -s -m gpu -p no:cacheprovider tests/gpu/test_vllm.py \
+    "tests/unit/test_policy_worker.py::test_bf16_nccl_worker_on_gpu"

@@ -145,13 +145,16 @@ class VllmGeneration(GenerationInterface):
         """Load the policy's current weights into every engine, bucket by bucket.
 
         Colocated engines wake their weights first and their KV cache only after the last
-        bucket, once the policy has freed its refit buffers (vLLM's staged wake-up).
+        bucket, once the policy has freed its refit buffers (vLLM's staged wake-up); before
+        that the policy's optimizer state goes to host memory (its next step brings it back).
 
         Returns:
             ``refit_gib`` (the bytes sent to each engine worker, in GiB) and ``refit_buckets``.
         """
         if self.transport == "nccl" and not self.refit_group_ready:
             self._init_refit_group(source)
+        if self.transport == "cuda_ipc":
+            source.workers.all(PolicyWorker.offload_optimizer_state)
         layouts = source.workers.all(PolicyWorker.refit_layouts, self.bucket_bytes)[0]
         self.prepare_for_generation(["weights"])
         for layout in layouts:

@@ -114,6 +114,8 @@ class PolicyWorker:
         self._refit_state: dict[str, torch.Tensor] | None = None
         self._shared_bucket: torch.Tensor | None = None
         self._refit_group: Any = None  # the NCCL group with a separate engine (rank 0 only)
+        # Optimizer state moved to host memory for a colocated engine: (state, key, device).
+        self._offloaded_state: list[tuple[dict[str, Any], str, torch.device]] = []
         if weights_path is not None:
             self._load_weights(weights_path)
         if optimizer_path is not None:
@@ -333,6 +335,24 @@ class PolicyWorker:
             assert self._refit_group is not None, "init_refit_group joins the group first"
             self._refit_group.broadcast(buffer, src=0)
 
+    def offload_optimizer_state(self) -> None:
+        """Move the optimizer state from the GPU to host memory, for an engine colocated on it to
+        wake into; the next ``train`` moves it back. Nothing to do without a GPU."""
+        if self.optimizer is None or self._offloaded_state:
+            return
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_cuda:
+                    state[key] = value.to("cpu")
+                    self._offloaded_state.append((state, key, value.device))
+        if self._offloaded_state:
+            torch.cuda.empty_cache()
+
+    def _reload_optimizer_state(self) -> None:
+        for state, key, device in self._offloaded_state:
+            state[key] = state[key].to(device)
+        self._offloaded_state = []
+
     def finish_refit(self) -> None:
         """End a refit: drop the references to the weights and the last shared bucket."""
         self._refit_state, self._shared_bucket = None, None
@@ -364,6 +384,7 @@ class PolicyWorker:
         assert self.optimizer is not None and self.scheduler is not None, (
             "built with init_optimizer=False"
         )
+        self._reload_optimizer_state()
         results = self._loss_over_micro_batches(data, loss_fn, micro_batches, backward=True)
         step = optimizer_step(
             self.model, self.optimizer, self.scheduler, max_grad_norm=self.cfg["max_grad_norm"]
