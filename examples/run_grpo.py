@@ -59,7 +59,10 @@ def main(config: GRPOMasterConfig) -> None:
         save_state, config,
     ) = setup(config, tokenizer, train_dataset, val_dataset)  # fmt: skip
     environment = RayEnvironment(config["env"])
-    with shut_down_at_exit(environment.shutdown, policy.shutdown, cluster.shutdown):
+    shutdowns = [environment.shutdown, policy.shutdown, cluster.shutdown]
+    if policy_generation is not policy:  # backend vllm: its engines go first
+        shutdowns.insert(0, policy_generation.shutdown)
+    with shut_down_at_exit(*shutdowns):
         grpo_train(
             policy,
             policy_generation,

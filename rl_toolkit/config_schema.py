@@ -96,11 +96,37 @@ class SchedulerConfig(TypedDict):
     milestones: NotRequired[list[int]]
 
 
+class VllmConfig(TypedDict):
+    """The `policy.generation.vllm` section: the vLLM engines of backend "vllm" (GPU only;
+    docs/design.md, "Backend vllm"). Read only when `backend` is "vllm".
+
+    tensor_parallel_size: GPUs of one engine (its weights split over them).
+    gpu_memory_utilization: the fraction of each GPU's memory an engine may take for weights,
+        activations and KV cache; colocated with the policy, the rest is training's.
+    enforce_eager: no CUDA graphs: a faster start, slower decoding.
+    colocated: true: one engine per tensor_parallel_size of the policy's own GPUs, asleep
+        while the policy trains, its weights handed over by CUDA IPC; false: one engine on
+        tensor_parallel_size GPUs of its own, its weights broadcast (NCCL) from policy rank 0.
+    refit_bucket_mib: the policy sends its weights in buckets of at most this many MiB (a
+        tensor larger than that goes alone).
+    refit_check_threshold: after the first refit of a run, the mean over generated tokens of
+        exp(|generator log-prob - policy log-prob|) above this is an error (1.0: identical).
+    """
+
+    tensor_parallel_size: PositiveInt
+    gpu_memory_utilization: Annotated[float, Gt(0), Le(1)]
+    enforce_eager: bool
+    colocated: bool
+    refit_bucket_mib: PositiveInt
+    refit_check_threshold: Annotated[float, Ge(1)]
+
+
 class SamplingConfig(TypedDict):
     """The `policy.generation` section: how the policy samples responses (docs/design.md,
     "Generation"). Only algorithms that generate (RL) read it; DPO and SFT configs leave it out.
 
-    backend: "hf": the policy workers sample themselves (KV cache, CPU or GPU).
+    backend: "hf": the policy workers sample themselves (KV cache, CPU or GPU); "vllm": vLLM
+        engines sample (GPU), set up by the `vllm` section.
     temperature: logits are divided by it before sampling (> 0; greedy decoding is an argument
         of `generate`, not a temperature).
     top_p: nucleus sampling: the smallest set of most likely tokens whose probability reaches
@@ -112,12 +138,13 @@ class SamplingConfig(TypedDict):
         does; the stop token is part of the response.
     """
 
-    backend: Literal["hf"]
+    backend: Literal["hf", "vllm"]
     temperature: PositiveFloat
     top_p: Annotated[float, Gt(0), Le(1)]
     top_k: NonNegativeInt
     max_new_tokens: PositiveInt
     stop_token_ids: list[NonNegativeInt]
+    vllm: NotRequired[VllmConfig]  # required with backend "vllm"; ignored with "hf"
 
 
 class PolicyConfig(TypedDict):
@@ -713,6 +740,7 @@ def check_grpo_config(config: GRPOMasterConfig) -> None:
             f"policy.max_total_sequence_length={policy['max_total_sequence_length']} leaves no "
             f"room for a prompt before policy.generation.max_new_tokens={max_new} tokens"
         )
+    check_generation_config(policy["generation"], config["cluster"])
     check_pg_loss_config(config["loss_fn"], "loss_fn")
     answer_key = grpo["sft_warmup_answer_key"]
     if grpo["sft_warmup_steps"] > 0 and answer_key not in config["data"]["metadata_keys"]:
@@ -730,6 +758,34 @@ def check_grpo_config(config: GRPOMasterConfig) -> None:
     check_rollout_config(config["data"], config["env"])
     _check_lr(policy)
     _check_output_dirs(config)
+
+
+def check_generation_config(generation: SamplingConfig, cluster: ClusterConfig) -> None:
+    """The rules of `policy.generation` that relate keys: backend "vllm" needs its section, and
+    colocated engines take whole groups of a node's GPUs.
+
+    Whether vLLM is installed and recent enough is checked separately, with the imports
+    (rl_toolkit.models.generation.vllm_worker.check_vllm_version).
+
+    Raises:
+        ConfigError: one line naming the key and what would be right.
+    """
+    if generation["backend"] != "vllm":
+        return
+    if "vllm" not in generation:
+        raise ConfigError(
+            "policy.generation.backend=vllm needs the policy.generation.vllm section "
+            "(tensor_parallel_size, gpu_memory_utilization, ...; docs/configuration.md, "
+            "policy.generation.vllm)"
+        )
+    vllm = generation["vllm"]
+    tp, gpus = vllm["tensor_parallel_size"], cluster["gpus_per_node"]
+    if vllm["colocated"] and gpus % tp:
+        raise ConfigError(
+            f"policy.generation.vllm.tensor_parallel_size={tp} must divide "
+            f"cluster.gpus_per_node={gpus}: colocated engines take whole groups of a node's "
+            "GPUs (or set policy.generation.vllm.colocated: false)"
+        )
 
 
 # The reward function's own arguments, which no metadata column or bound kwarg may shadow.

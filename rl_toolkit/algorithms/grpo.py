@@ -9,7 +9,9 @@
                                      zero-variance groups; overlong filtering
         advantages                   per group (grpo.adv_estimator), on the driver
         policy.train()               one optimizer step per train_global_batch_size rows
-        refit                        only when the generator is not the policy itself
+        refit                        only when the generator is not the policy itself (vLLM);
+                                     the run's first rollout after it is checked
+                                     (token_mult_prob_error, refit_check.py)
         validate()                   greedy (or k samples: pass@k) reward on validation prompts
         checkpoint, log
 
@@ -37,6 +39,7 @@ from rl_toolkit.algorithms.advantages import (
     zero_variance_groups,
 )
 from rl_toolkit.algorithms.loss_functions import ClippedPGLossFn, NLLLossFn
+from rl_toolkit.algorithms.refit_check import check_refit
 from rl_toolkit.algorithms.utils import (
     build_cluster,
     build_policy,
@@ -61,6 +64,8 @@ from rl_toolkit.distributed.virtual_cluster import (
 )
 from rl_toolkit.environments import Environment
 from rl_toolkit.models.generation.interfaces import GenerationInterface
+from rl_toolkit.models.generation.vllm_generation import VllmGeneration
+from rl_toolkit.models.generation.vllm_worker import check_vllm_version
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.utils.checkpoint import CheckpointManager
 from rl_toolkit.utils.hf import warn_if_random_init_of_trained_model
@@ -114,7 +119,8 @@ def setup(
     """Build everything `grpo_train` needs but the environment, resuming when asked.
 
     Everything that can fail on a user mistake is checked before any worker starts and raises
-    ConfigError. The generator is the policy itself (backend hf).
+    ConfigError. The generator is the policy itself (backend hf) or vLLM engines (backend vllm),
+    on the policy's GPUs (colocated) or on their own.
 
     Returns:
         (policy, policy_generation, cluster, train_dataloader, val_dataloader, loss_fn, logger,
@@ -140,8 +146,19 @@ def setup(
         )
     )  # fmt: skip
     logger = resume_loader_and_logger(master_config, resume_path, train_dataloader, grpo_save_state)
-    cluster = build_cluster(master_config["cluster"], "grpo_policy")
+    generation = policy_config["generation"]
+    colocated_engines = generation["backend"] == "vllm" and generation["vllm"]["colocated"]
+    cluster = build_cluster(
+        master_config["cluster"], "grpo_policy", num_worker_groups=2 if colocated_engines else 1
+    )
     loss_fn = ClippedPGLossFn(master_config["loss_fn"])
+    engines = None  # started before the policy: vLLM sizes its memory by what is free then
+    if generation["backend"] == "vllm":
+        engines = VllmGeneration.start(
+            cluster, policy_config, tokenizer,
+            worker_timeout_s=master_config["cluster"]["worker_timeout_s"],
+            worker_env_vars=master_config["cluster"]["worker_env_vars"],
+        )  # fmt: skip
     policy = build_policy(
         cluster,
         policy_config,
@@ -152,8 +169,8 @@ def setup(
         resume_path=resume_path,
     )
     return (
-        policy, policy, cluster, train_dataloader, val_dataloader, loss_fn, logger, checkpointer,
-        grpo_save_state, master_config,
+        policy, engines or policy, cluster, train_dataloader, val_dataloader, loss_fn, logger,
+        checkpointer, grpo_save_state, master_config,
     )  # fmt: skip
 
 
@@ -166,6 +183,8 @@ def check_config(master_config: MasterConfig) -> None:
     """
     check_grpo_config(master_config)
     check_runtime_config(master_config)
+    if master_config["policy"]["generation"]["backend"] == "vllm":
+        check_vllm_version()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +488,12 @@ def grpo_train(
         assert train_dataset is not None, "the SFT warm-up trains on the training prompts"
         with timer.time("sft_warmup"):
             sft_warmup(policy, train_dataset, tokenizer, master_config, logger)
+    # A separate engine starts with dummy weights: the policy's go in now, and the first rollout
+    # after this refit is checked against the policy's log-probs.
+    check_next_rollout = policy_generation is not policy
+    if check_next_rollout:
+        with timer.time("refit"):
+            policy_generation.update_weights(policy)
     if is_fresh and grpo_config["val_at_start"]:
         _run_validation(
             policy_generation, val_dataloader, environment, tokenizer, master_config, logger,
@@ -498,10 +523,15 @@ def grpo_train(
             batches = iter(train_dataloader)
             continue
         rollout, rollout_metrics = sampled
+        policy_generation.finish_generation()  # a colocated engine sleeps: the GPUs are training's
+        if check_next_rollout:
+            with timer.time("refit_check"):
+                error = check_refit(policy, rollout, master_config["policy"])
+            rollout_metrics["token_mult_prob_error"], check_next_rollout = error, False
         metrics = train_on_rollout(policy, rollout, loss_fn, master_config, timer)
         if policy_generation is not policy:  # a separate engine needs the new weights
             with timer.time("refit"):
-                policy_generation.update_weights(policy)
+                metrics |= policy_generation.update_weights(policy)
         metrics |= rollout_metrics
         state["total_steps"] += 1
         state["consumed_samples"] += int(metrics["num_valid_samples"])

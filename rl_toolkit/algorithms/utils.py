@@ -116,14 +116,21 @@ def check_runtime_config(master_config: Mapping[str, Any]) -> None:
 # Cluster and policy
 
 
-def build_cluster(config: ClusterConfig, name: str) -> RayVirtualCluster:
-    """One bundle per worker: a GPU each, or a CPU each when the Ray cluster has no GPU."""
+def build_cluster(
+    config: ClusterConfig, name: str, *, num_worker_groups: int = 1
+) -> RayVirtualCluster:
+    """One bundle per worker: a GPU each, or a CPU each when the Ray cluster has no GPU.
+
+    Args:
+        num_worker_groups: worker groups sharing each bundle (2: the policy and colocated
+            vLLM engines; each actor then gets half of the bundle's GPU).
+    """
     return RayVirtualCluster(
         [config["gpus_per_node"]] * config["num_nodes"],
         use_gpus=True,  # falls back to CPU bundles when the Ray cluster has no GPUs
         num_gpus_per_node=config["gpus_per_node"],
         name=name,
-        max_colocated_worker_groups=1,
+        max_colocated_worker_groups=num_worker_groups,
     )
 
 

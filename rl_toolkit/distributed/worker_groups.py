@@ -29,6 +29,7 @@ from rl_toolkit.utils.config import ReportedError
 W = TypeVar("W")  # the worker class
 P = ParamSpec("P")  # a worker method's parameters after self (and the data, for `sharded`)
 R = TypeVar("R")  # its return type
+V = TypeVar("V")  # the per-rank value of `per_rank`
 
 # After a first failure, how long to wait for other workers' failures (see get_results).
 FAILURE_GRACE_S = 3.0
@@ -281,6 +282,42 @@ class RayWorkerGroup(Generic[W]):
             The workers' return values in rank order.
         """
         return self.get_results(self.all_async(method, *args, **kwargs))
+
+    def per_rank(
+        self,
+        method: Callable[Concatenate[W, V, P], R],
+        values: list[V],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> list[R]:
+        """Call `method(values[i], *args, **kwargs)` on worker i, e.g. a handle for each GPU.
+
+        Args:
+            method: a method of the worker class whose first argument is the per-rank value.
+            values: one value per worker, in rank order.
+            *args, **kwargs: the further arguments, the same for every worker.
+
+        Returns:
+            The workers' return values in rank order.
+        """
+        name = self._method_name(method)
+        if len(values) != self.world_size:
+            raise ValueError(
+                f"per_rank: {len(values)} values for {self.world_size} workers of "
+                f"{self.worker_cls.__name__}"
+            )
+        futures = [
+            self._call(rank, name, (value, *args), kwargs) for rank, value in enumerate(values)
+        ]
+        return self.get_results(futures)
+
+    def free_port(self, rank: int) -> tuple[str, int]:
+        """An address on worker `rank`'s node with a port free there now, for a group the
+        worker hosts (e.g. a NCCL group with another worker group)."""
+        assert self._actors, "the worker group has been shut down"
+        future = WorkerFuture(rank, "free_port", self._actors[rank].pid_and_free_port.remote())  # type: ignore[attr-defined]
+        _, port = self.get_results([future])[0]
+        return self.bundles[rank].node_ip, port
 
     def sharded(
         self,

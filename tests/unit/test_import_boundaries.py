@@ -34,3 +34,14 @@ def test_the_check_sees_both_import_forms(tmp_path: Path) -> None:
         "import ray\nfrom torch import distributed\nfrom torch.distributed import fsdp\n"
     )
     assert {"ray", "torch.distributed", "torch.distributed.fsdp"} <= set(imported_modules(sample))
+
+
+def test_only_the_vllm_worker_imports_vllm() -> None:
+    # vLLM is an optional extra (`uv sync --extra vllm`): one module imports it, lazily.
+    package = ALGORITHMS.parent
+    importers = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if any(m == "vllm" or m.startswith("vllm.") for m in imported_modules(path))
+    )
+    assert importers == ["models/generation/vllm_worker.py"]

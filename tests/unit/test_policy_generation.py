@@ -249,7 +249,7 @@ def test_the_schema_checks_policy_generation(tiny):
         ("top_p", 1.5, "less than or equal to 1"),
         ("top_k", -1, "greater than or equal to 0"),
         ("max_new_tokens", 0, "greater than or equal to 1"),
-        ("backend", "vllm", "'hf'"),
+        ("backend", "sglang", "'hf' or 'vllm'"),
     ):
         bad = generation_config(tiny[0], **{key: value})
         with pytest.raises(ValueError, match=f"'generation.{key}': input should be .*{message}"):

@@ -363,8 +363,19 @@ def test_bf16_nccl_worker_on_gpu(tiny, tmp_path, packing):
     torch.testing.assert_close(logprobs, naive_logprobs(hf_model, data), atol=0.1, rtol=0)
     metrics = worker.train(data, token_nll_loss, train_mbs)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
+
+    # A colocated vLLM engine's refit moves the optimizer state to host memory; train brings it
+    # back (the fused AdamW step needs it on the GPU).
+    def state_devices() -> list[str]:
+        state = worker.optimizer.state.values()
+        return [v.device.type for s in state for v in s.values() if torch.is_tensor(v)]
+
+    devices = state_devices()  # exp_avg and exp_avg_sq on the GPU (AdamW's step may be on host)
+    worker.offload_optimizer_state()
+    assert "cuda" in devices and set(state_devices()) == {"cpu"}
     worker.reference_logprobs(data, logprob_mbs, response_only=True)
     worker.train(data, token_nll_loss, train_mbs)
+    assert state_devices() == devices
     worker.export_hf(str(tmp_path / "hf"))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
     assert exported.dtype == torch.bfloat16

@@ -109,6 +109,16 @@ def test_sharded_dispatch_gives_each_rank_its_slice(gloo_group: RayWorkerGroup) 
     assert results == [(0, [0, 1, 2, 3, 4, 5], 102), (1, [6, 7, 8, 9], 102)]
 
 
+def test_per_rank_dispatch_gives_each_rank_its_value(gloo_group: RayWorkerGroup) -> None:
+    values = [BatchedDataDict(row=torch.tensor([7])), BatchedDataDict(row=torch.tensor([8, 9]))]
+    results = gloo_group.per_rank(GlooWorker.describe, values, offset=10)
+    assert results == [(0, [7], 11), (1, [8, 9], 11)]
+    with pytest.raises(ValueError, match="per_rank: 1 values for 2 workers"):
+        gloo_group.per_rank(GlooWorker.describe, values[:1], offset=10)
+    host, port = gloo_group.free_port(1)
+    assert host == gloo_group.bundles[1].node_ip and 0 < port < 65536
+
+
 def test_dispatch_takes_only_the_worker_classs_own_methods(gloo_group: RayWorkerGroup) -> None:
     with pytest.raises(ValueError, match="is not a method of GlooWorker"):
         gloo_group.all(EnvWorker.getenv, names=[])  # another class's method of the same shape

@@ -1,8 +1,8 @@
 """What a generation backend offers the RL algorithms, whichever engine samples.
 
 Backend ``hf`` is ``rl_toolkit.models.policy.lm_policy.Policy`` itself (the policy workers
-sample); a vLLM backend will be a second implementation with its own workers and a weight
-refit. The batches, prompts in and the rollout out, are described in docs/design.md
+sample); backend ``vllm`` is ``vllm_generation.VllmGeneration``, with workers of its own and a
+weight refit. The batches, prompts in and the rollout out, are described in docs/design.md
 ("Generation").
 """
 

@@ -42,6 +42,14 @@ from rl_toolkit.models.fsdp.step import optimizer_step
 from rl_toolkit.models.generation.hf_sampling import decoding_attention, sample_responses
 from rl_toolkit.models.generation.rollout import new_token_budgets, rollout_batch
 from rl_toolkit.models.generation.sampling import row_seed, sampling_uniforms
+from rl_toolkit.models.generation.weight_sync import (
+    BucketLayout,
+    CudaIpcHandle,
+    gather_bucket,
+    plan_refit,
+    refit_state_dict,
+    share_cuda_buffer,
+)
 from rl_toolkit.models.optim import build_optimizer, build_scheduler
 from rl_toolkit.models.packing import micro_batch_rows, pack_rows
 from rl_toolkit.models.policy.logprobs import LogprobModel, TokenOutputs
@@ -102,6 +110,12 @@ class PolicyWorker:
         if init_optimizer:
             self.optimizer = build_optimizer(self.model.parameters(), config["optimizer"])
             self.scheduler = build_scheduler(self.optimizer, config["scheduler"])
+        # A weight refit in progress (a separate generation engine; refit_layouts below).
+        self._refit_state: dict[str, torch.Tensor] | None = None
+        self._shared_bucket: torch.Tensor | None = None
+        self._refit_group: Any = None  # the NCCL group with a separate engine (rank 0 only)
+        # Optimizer state moved to host memory for a colocated engine: (state, key, device).
+        self._offloaded_state: list[tuple[dict[str, Any], str, torch.device]] = []
         if weights_path is not None:
             self._load_weights(weights_path)
         if optimizer_path is not None:
@@ -274,6 +288,77 @@ class PolicyWorker:
             )
         return rollout_batch(data, responses, self.tokenizer.pad_token_id).to("cpu")
 
+    # ----- weight refit (a separate generation engine, backend vllm) -----
+
+    def refit_layouts(self, bucket_bytes: int) -> list[BucketLayout]:
+        """Start a refit: the buckets the weights go in, the same on every worker (no collective).
+
+        The weights are the Hugging Face state dict without tied duplicates, floating-point
+        tensors in the compute dtype (``weight_sync``). Then every worker calls one of the
+        ``*_refit_bucket`` methods per bucket, in order, and ``finish_refit``.
+        """
+        self._refit_state = refit_state_dict(self.hf_model)
+        return plan_refit(self._refit_state, PRECISIONS[self.cfg["precision"]], bucket_bytes)
+
+    def _gather_refit_bucket(self, layout: BucketLayout) -> torch.Tensor:
+        assert self._refit_state is not None, "refit_layouts starts a refit"
+        return gather_bucket(self._refit_state, layout, self.device)
+
+    def host_refit_bucket(self, layout: BucketLayout) -> torch.Tensor | None:
+        """Collective: one bucket's flat buffer in host memory on rank 0 (None elsewhere), for
+        the engine as a Ray object (CPU)."""
+        buffer = self._gather_refit_bucket(layout)
+        return buffer.cpu() if dist.get_rank() == 0 else None
+
+    def share_refit_bucket(self, layout: BucketLayout) -> CudaIpcHandle:
+        """Collective: a CUDA IPC handle of one bucket's buffer on this worker's GPU, for the
+        engine colocated on it; the buffer lives until the next bucket or ``finish_refit``."""
+        self._shared_bucket = None  # the engine has loaded the previous one
+        self._shared_bucket = self._gather_refit_bucket(layout)
+        return share_cuda_buffer(self._shared_bucket)
+
+    def init_refit_group(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0 joins a NCCL group with a separate engine's ``world_size - 1`` workers, as the
+        group's rank 0 (together with ``VllmWorker.init_refit_group``); other ranks do nothing."""
+        if dist.get_rank() == 0:
+            from rl_toolkit.models.generation.vllm_worker import nccl_group
+
+            self._refit_group = nccl_group(
+                host, port, rank=0, world_size=world_size, device=self.device
+            )
+
+    def broadcast_refit_bucket(self, layout: BucketLayout) -> None:
+        """Collective: rank 0 broadcasts one bucket's buffer to the separate engine's workers
+        (``VllmWorker.receive_refit_bucket``) over the group of ``init_refit_group``."""
+        buffer = self._gather_refit_bucket(layout)
+        if dist.get_rank() == 0:
+            assert self._refit_group is not None, "init_refit_group joins the group first"
+            self._refit_group.broadcast(buffer, src=0)
+
+    def offload_optimizer_state(self) -> None:
+        """Move the optimizer state from the GPU to host memory, for an engine colocated on it to
+        wake into; the next ``train`` moves it back. Nothing to do without a GPU."""
+        if self.optimizer is None or self._offloaded_state:
+            return
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_cuda:
+                    state[key] = value.to("cpu")
+                    self._offloaded_state.append((state, key, value.device))
+        if self._offloaded_state:
+            torch.cuda.empty_cache()
+
+    def _reload_optimizer_state(self) -> None:
+        for state, key, device in self._offloaded_state:
+            state[key] = state[key].to(device)
+        self._offloaded_state = []
+
+    def finish_refit(self) -> None:
+        """End a refit: drop the references to the weights and the last shared bucket."""
+        self._refit_state, self._shared_bucket = None, None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # a colocated engine allocates its KV cache next
+
     # ----- training and evaluation -----
 
     def train(
@@ -299,6 +384,7 @@ class PolicyWorker:
         assert self.optimizer is not None and self.scheduler is not None, (
             "built with init_optimizer=False"
         )
+        self._reload_optimizer_state()
         results = self._loss_over_micro_batches(data, loss_fn, micro_batches, backward=True)
         step = optimizer_step(
             self.model, self.optimizer, self.scheduler, max_grad_norm=self.cfg["max_grad_norm"]
