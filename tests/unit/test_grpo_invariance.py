@@ -5,8 +5,8 @@ an in-process worker), with rewards set by hand so that three groups carry a sig
 none, GRPO advantages, the reference's log-probs and the full PG loss (clipped ratio, k3 KL in
 the loss, entropy bonus). One optimizer step on it gives the same loss, KL, entropy, grad-norm
 and weights (1e-5, float32) for one in-process worker taking the 8 rows as one micro-batch, two
-Ray CPU workers with micro-batches of 2 rows (one group), and two Ray workers packing rows by
-token budget.
+Ray CPU workers with micro-batches of 2 rows (one group), and one worker packing rows by token
+budget (packing over two workers, with uneven micro-batches, is test_packing_ray.py's).
 """
 
 import copy
@@ -63,10 +63,29 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(MODEL_DIR)
 
 
+def new_worker(tokenizer) -> PolicyWorker:
+    return PolicyWorker(
+        config=policy_config(), tokenizer=tokenizer, init_optimizer=True, init_reference_model=True
+    )
+
+
+def one_step(worker: PolicyWorker, batch: BatchedDataDict, mbs: MicroBatches, path: Path) -> dict:
+    """One step on `batch` in `mbs` micro-batches; the weights before and after go to `path`."""
+    worker.export_hf(str(path / "initial"))
+    metrics = worker.train(batch, loss_fn(), mbs)
+    worker.export_hf(str(path / "final"))
+    worker.shutdown()
+    return metrics
+
+
+def weights(path: Path) -> dict:
+    return load_file(path / "model.safetensors")
+
+
 @pytest.fixture(scope="module")
-def reference(tokenizer, tmp_path_factory) -> tuple[BatchedDataDict, dict, dict, dict]:
+def reference(tokenizer, tmp_path_factory) -> tuple[BatchedDataDict, dict, Path]:
     """The step's batch, and one in-process worker's step on it as one micro-batch: its
-    metrics, the initial and the final weights."""
+    metrics and the folder of the initial and final weights."""
     path = tmp_path_factory.mktemp("reference")
     lines = (REPO / "assets" / "tiny_rl" / "train.jsonl").read_text().splitlines()[:4]
     items = [
@@ -74,9 +93,7 @@ def reference(tokenizer, tmp_path_factory) -> tuple[BatchedDataDict, dict, dict,
          "prompt": "", "metadata": {}}
         for i, line in enumerate(lines)
     ]  # fmt: skip
-    worker = PolicyWorker(
-        config=policy_config(), tokenizer=tokenizer, init_optimizer=True, init_reference_model=True
-    )
+    worker = new_worker(tokenizer)
     prompts = repeat_prompts(prompt_collate_fn(items, pad_token_id=tokenizer.pad_token_id), GROUP)
     rollout = worker.generate(prompts, step=0, greedy=False)
     rollout["rewards"] = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.0])
@@ -86,38 +103,46 @@ def reference(tokenizer, tmp_path_factory) -> tuple[BatchedDataDict, dict, dict,
     keys = ("input_ids", "input_lengths", "token_mask", "sample_mask", "advantages",
             "generation_logprobs", "reference_policy_logprobs")  # fmt: skip
     batch = BatchedDataDict({key: rollout[key] for key in keys}, group_size=GROUP)
-    worker.export_hf(str(path / "initial"))
-    metrics = worker.train(batch, loss_fn(), MicroBatches(packed=False, size=ROWS))
-    worker.export_hf(str(path / "final"))
-    worker.shutdown()
-    initial, final = (load_file(path / name / "model.safetensors") for name in ("initial", "final"))
-    return batch, metrics, initial, final
+    metrics = one_step(worker, batch, MicroBatches(packed=False, size=ROWS), path)
+    return batch, metrics, path
 
 
-def test_the_step_is_the_same_for_any_split(reference, tokenizer, tmp_path) -> None:
-    batch, expected, initial_weights, expected_weights = reference
+def assert_same_step(metrics: dict, path: Path, reference: tuple) -> None:
+    _, expected, expected_path = reference
+    for key in ("loss", "kl", "entropy", "grad_norm", "num_valid_tokens"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-5), key
+    got, want = weights(path), weights(expected_path / "final")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    initial = weights(expected_path / "initial")
+    moved = max((got[k] - initial[k]).abs().max() for k in got)
+    assert moved > 1e-4  # the step moved the weights far beyond the tolerance
+
+
+def test_the_reference_step_has_a_signal(reference) -> None:
+    batch, expected, _ = reference
     assert batch["advantages"].abs().sum() > 0 and expected["entropy"] > 0
     assert expected["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference at step 0
+
+
+def test_packed_rows_give_the_same_step(reference, tokenizer, tmp_path) -> None:
+    batch = reference[0]
+    metrics = one_step(new_worker(tokenizer), batch, MicroBatches(packed=True, size=40), tmp_path)
+    assert_same_step(metrics, tmp_path / "final", reference)
+
+
+def test_two_workers_give_the_same_step(reference, tokenizer, tmp_path) -> None:
+    batch = reference[0]
     cluster = RayVirtualCluster([2], use_gpus=False, name="grpo-2w")
     try:
-        for name, mbs in (
-            ("rows", MicroBatches(packed=False, size=GROUP)),
-            ("packed", MicroBatches(packed=True, size=40)),  # 1 to 3 groups a micro-batch
-        ):
-            policy = Policy(
-                cluster, policy_config(), tokenizer, init_optimizer=True,
-                init_reference_model=False, worker_timeout_s=WORKER_TIMEOUT_S, worker_env_vars=[],
-            )  # fmt: skip
-            try:
-                metrics = policy.train(batch, loss_fn(), mbs)
-                policy.workers.all(PolicyWorker.export_hf, str(tmp_path / name))
-            finally:
-                policy.shutdown()
-            for key in ("loss", "kl", "entropy", "grad_norm", "num_valid_tokens"):
-                assert metrics[key] == pytest.approx(expected[key], abs=1e-5), (name, key)
-            weights = load_file(tmp_path / name / "model.safetensors")
-            torch.testing.assert_close(weights, expected_weights, atol=1e-5, rtol=0)
+        policy = Policy(
+            cluster, policy_config(), tokenizer, init_optimizer=True, init_reference_model=False,
+            worker_timeout_s=WORKER_TIMEOUT_S, worker_env_vars=[],
+        )  # fmt: skip
+        try:
+            metrics = policy.train(batch, loss_fn(), MicroBatches(packed=False, size=GROUP))
+            policy.workers.all(PolicyWorker.export_hf, str(tmp_path))
+        finally:
+            policy.shutdown()
     finally:
         cluster.shutdown()
-    moved = max((weights[k] - initial_weights[k]).abs().max() for k in weights)
-    assert moved > 1e-4  # the step moved the weights far beyond the tolerance
+    assert_same_step(metrics, tmp_path, reference)
