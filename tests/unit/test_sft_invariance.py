@@ -3,7 +3,8 @@
 Three steps on real SFT batches (the tiny chat set: conversations of 1 or 2 turns, 5 or 10
 learned tokens each) give the same loss and grad-norm trajectory and the same final weights
 (1e-5, float32) for one worker taking each batch whole, two Ray CPU workers with micro-batches of
-1, 2 and 4 rows, and two Ray workers packing their rows by token budget.
+1, 2 and 4 rows, and one worker packing its rows by token budget (packing over two workers, with
+uneven micro-batches, is test_packing_ray.py's).
 """
 
 import copy
@@ -86,17 +87,24 @@ def reference(batches, tmp_path_factory) -> tuple[list[dict], dict, dict]:
     return metrics, initial, final
 
 
-@pytest.mark.parametrize(
-    "micro_batches",
-    [
-        # 4 rows a worker: 4, 2 and 1 micro-batches
-        [MicroBatches(packed=False, size=size) for size in (1, 2, 4)],
-        # 1 or 2 sequences a micro-batch, uneven over the workers
-        [MicroBatches(packed=True, size=40)] * 3,
-    ],
-    ids=["2-workers-micro-batches", "2-workers-packed"],
-)
-def test_same_steps_for_any_split(batches, reference, tmp_path, micro_batches) -> None:
+def test_packed_rows_give_the_same_steps(batches, reference, tmp_path) -> None:
+    expected_metrics, _, expected_weights = reference
+    worker = new_worker(policy_config())
+    packed = MicroBatches(packed=True, size=40)  # 1 or 2 sequences a micro-batch
+    for step, batch in enumerate(batches):
+        metrics = worker.train(batch, NLLLossFn(), packed)
+        for key in ("loss", "grad_norm", "num_valid_tokens", "num_valid_samples"):
+            expected = expected_metrics[step][key]
+            assert metrics[key] == pytest.approx(expected, abs=1e-5), f"step {step}: {key}"
+    worker.export_hf(str(tmp_path / "hf"))
+    worker.shutdown()
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    torch.testing.assert_close(weights, expected_weights, atol=1e-5, rtol=0)
+
+
+def test_two_workers_give_the_same_steps(batches, reference, tmp_path) -> None:
+    # 4 rows a worker: 4, 2 and 1 micro-batches
+    micro_batches = [MicroBatches(packed=False, size=size) for size in (1, 2, 4)]
     expected_metrics, initial_weights, expected_weights = reference
     cluster = RayVirtualCluster([2], use_gpus=False, name="sft-2w")
     policy = Policy(
