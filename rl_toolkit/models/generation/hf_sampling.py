@@ -5,10 +5,11 @@ gathers its FSDP shards first); nothing here is collective, so each worker runs 
 many steps as its own rows need.
 
 Prompts are left-padded inside the loop, with an attention mask and explicit position ids, so a
-row's logits equal those of the row alone (to float32 rounding, about 1e-7). Rows that have
-finished stay in the batch until at most half of the batch is still running; the finished ones
-are then dropped, the KV cache with them, so that long tails cost what the rows still running
-cost.
+row's logits equal those of the row alone (to float32 rounding, about 1e-7). A prompt that
+several rows share (a GRPO group) is prefilled once and its KV cache copied to its rows. Rows
+that have finished stay in the batch until at most half of the batch is still running; the
+finished ones are then dropped, the KV cache with them, so that long tails cost what the rows
+still running cost.
 """
 
 import contextlib
@@ -73,7 +74,7 @@ def sample_responses(
     cache = DynamicCache(config=model.config)
     ids, attention_mask = _left_padded(input_ids, input_lengths, pad_token_id)  # (N, P) each
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = _next_token_logits(model, ids, attention_mask, position_ids, cache)  # (N, V)
+    logits = _prefill(model, ids, attention_mask, position_ids, input_lengths, cache)  # (N, V)
     rows = torch.arange(num_rows, device=device)  # batch row -> prompt row
     running = torch.ones(num_rows, dtype=torch.bool, device=device)  # per batch row
     for t in range(max_new):
@@ -109,6 +110,34 @@ def _left_padded(
     source = (positions - (max_len - input_lengths[:, None])).clamp(min=0)  # (N, P)
     ids = input_ids.gather(1, source).masked_fill(attention_mask == 0, pad_token_id)
     return ids, attention_mask
+
+
+def _prefill(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    input_lengths: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """float32 logits ``[N, V]`` after each left-padded prompt, and its KV cache in ``cache``.
+
+    A GRPO group holds its prompt G times: each distinct prompt goes through the model once,
+    and its rows get copies of its cache and logits.
+    """
+    num_rows = ids.shape[0]
+    prompts = torch.cat([ids, input_lengths[:, None]], dim=1)  # (N, P + 1): tokens and length
+    distinct, prompt_of_row = torch.unique(prompts, dim=0, return_inverse=True)  # (K, P + 1), (N,)
+    if len(distinct) == num_rows:
+        return _next_token_logits(model, ids, attention_mask, position_ids, cache)
+    rows = torch.arange(num_rows, device=ids.device)
+    first_row = torch.full((len(distinct),), num_rows, device=ids.device)  # of each prompt
+    first_row = first_row.scatter_reduce(0, prompt_of_row, rows, reduce="amin")  # (K,)
+    logits = _next_token_logits(
+        model, ids[first_row], attention_mask[first_row], position_ids[first_row], cache
+    )  # (K, V)
+    cache.batch_select_indices(prompt_of_row)
+    return logits[prompt_of_row]
 
 
 def _next_token_logits(
