@@ -10,6 +10,7 @@ from rl_toolkit.config_schema import SamplingConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.models.generation.hf_sampling import (
     DECODING_ATTENTION,
+    _kv_cache,
     decoding_attention,
     sample_responses,
 )
@@ -255,6 +256,26 @@ def test_decoding_attention_is_restored(tiny_model):
         assert tiny_model.config._attn_implementation == DECODING_ATTENTION
     assert tiny_model.config._attn_implementation == "eager"
     tiny_model.set_attn_implementation(DECODING_ATTENTION)
+
+
+def test_the_kv_cache_writes_into_buffers_allocated_once(tiny_model):
+    cache = _kv_cache(tiny_model, capacity=5)
+    assert len(cache.layers) == tiny_model.config.num_hidden_layers
+    layer = cache.layers[0]
+    prompt_keys, prompt_values = torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4)  # (b, H, P, D)
+    layer.update(prompt_keys, prompt_values)
+    buffer = layer.key_buffer.data_ptr()
+    new_keys, new_values = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    keys, values = layer.update(new_keys, new_values)
+    assert layer.key_buffer.data_ptr() == buffer, "no new allocation for a new token"
+    assert torch.equal(keys, torch.cat([prompt_keys, new_keys], dim=2))
+    assert torch.equal(values, torch.cat([prompt_values, new_values], dim=2))
+    assert layer.get_seq_length() == 4 and cache.layers[1].get_seq_length() == 0
+    # Rows dropped (or copied, for a shared prompt): the buffers follow.
+    layer.batch_select_indices(torch.tensor([2, 0, 0]))
+    assert torch.equal(layer.keys, keys[[2, 0, 0]]) and torch.equal(layer.values, values[[2, 0, 0]])
+    keys, _ = layer.update(new_keys, new_values)
+    assert torch.equal(keys[:, :, 4:], new_keys) and keys.shape == (3, 2, 5, 4)
 
 
 # ----- the rollout batch -----
