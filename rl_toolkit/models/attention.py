@@ -96,20 +96,13 @@ def varlen_attention_forward(
         out = _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, scaling, options)
         return out, None
     else:
-        bounds = cu_seq_lens_q.tolist()
+        # split, not one slice per sequence: the backward of a split concatenates the
+        # sequences' gradients once, where every slice would get a zero gradient of the whole
+        # row to copy its part into, and autograd would add those up, one per sequence.
+        lengths = cu_seq_lens_q.diff().tolist()
+        pieces = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
         out = torch.cat(
-            [
-                _causal_attention(
-                    query[:, :, start:end],
-                    key[:, :, start:end],
-                    value[:, :, start:end],
-                    scaling,
-                    gqa,
-                    window,
-                )
-                for start, end in zip(bounds[:-1], bounds[1:], strict=True)
-            ],
-            dim=2,
+            [_causal_attention(q, k, v, scaling, gqa, window) for q, k, v in pieces], dim=2
         )  # (b, Hq, L, D)
     return out.transpose(1, 2).contiguous(), None
 

@@ -10,6 +10,7 @@ from rl_toolkit.config_schema import SamplingConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.models.generation.hf_sampling import (
     DECODING_ATTENTION,
+    _kv_cache,
     decoding_attention,
     sample_responses,
 )
@@ -195,6 +196,38 @@ def test_a_row_samples_the_same_in_any_batch(tiny_model):
         assert ended_on_stop or length == 12
 
 
+def test_a_shared_prompt_is_prefilled_once_and_each_row_samples_as_alone(tiny_model):
+    # Two groups of three rows, as repeat_prompts lays out a GRPO batch, each row its own seed;
+    # then a prompt that left-pads to the same ids as the second one (its first token is the
+    # padding id) but is one token longer: a prompt of its own.
+    (first, second), _ = _prompts([5, 3])
+    third = torch.cat([torch.tensor([PAD_ID]), second[:3]])
+    input_ids = torch.full((7, 6), PAD_ID)
+    input_lengths = torch.tensor([5, 5, 5, 3, 3, 3, 4])
+    for row, prompt in enumerate([first] * 3 + [second] * 3 + [third]):
+        input_ids[row, : input_lengths[row]] = prompt[: input_lengths[row]]
+    seeds = [row_seed(3, 1, row // 3, row % 3) for row in range(7)]
+    sampling = _sampling(max_new_tokens=6)
+    prefill_shapes = []
+
+    def record_prefill(_module, _args, kwargs):
+        if not prefill_shapes:
+            prefill_shapes.append(tuple(kwargs["input_ids"].shape))
+
+    hook = tiny_model.register_forward_pre_hook(record_prefill, with_kwargs=True)
+    try:
+        batched = _sample(tiny_model, input_ids, input_lengths, seeds, sampling, [])
+    finally:
+        hook.remove()
+    assert prefill_shapes == [(3, 5)], "one prefill row per distinct prompt"
+    assert not torch.equal(batched.tokens[0], batched.tokens[1]), "the seeds differ"
+    for row in range(7):
+        one = slice(row, row + 1)
+        alone = _sample(tiny_model, input_ids[one], input_lengths[one], seeds[one], sampling, [])
+        assert torch.equal(batched.tokens[row], alone.tokens[0])
+        torch.testing.assert_close(batched.logprobs[row], alone.logprobs[0], atol=1e-5, rtol=0)
+
+
 def test_greedy_tokens_are_the_argmax_of_a_forward_of_the_sequence(tiny_model):
     input_ids, input_lengths = _prompts([4, 6])
     responses = _sample(tiny_model, input_ids, input_lengths, [0, 1], _sampling(), [], greedy=True)
@@ -223,6 +256,26 @@ def test_decoding_attention_is_restored(tiny_model):
         assert tiny_model.config._attn_implementation == DECODING_ATTENTION
     assert tiny_model.config._attn_implementation == "eager"
     tiny_model.set_attn_implementation(DECODING_ATTENTION)
+
+
+def test_the_kv_cache_writes_into_buffers_allocated_once(tiny_model):
+    cache = _kv_cache(tiny_model, capacity=5)
+    assert len(cache.layers) == tiny_model.config.num_hidden_layers
+    layer = cache.layers[0]
+    prompt_keys, prompt_values = torch.randn(3, 2, 3, 4), torch.randn(3, 2, 3, 4)  # (b, H, P, D)
+    layer.update(prompt_keys, prompt_values)
+    buffer = layer.key_buffer.data_ptr()
+    new_keys, new_values = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    keys, values = layer.update(new_keys, new_values)
+    assert layer.key_buffer.data_ptr() == buffer, "no new allocation for a new token"
+    assert torch.equal(keys, torch.cat([prompt_keys, new_keys], dim=2))
+    assert torch.equal(values, torch.cat([prompt_values, new_values], dim=2))
+    assert layer.get_seq_length() == 4 and cache.layers[1].get_seq_length() == 0
+    # Rows dropped (or copied, for a shared prompt): the buffers follow.
+    layer.batch_select_indices(torch.tensor([2, 0, 0]))
+    assert torch.equal(layer.keys, keys[[2, 0, 0]]) and torch.equal(layer.values, values[[2, 0, 0]])
+    keys, _ = layer.update(new_keys, new_values)
+    assert torch.equal(keys[:, :, 4:], new_keys) and keys.shape == (3, 2, 5, 4)
 
 
 # ----- the rollout batch -----

@@ -84,13 +84,15 @@ class _ChunkedTokenOutputs(torch.autograd.Function):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             logits = (hidden[start:end] @ weight.T).to(logsumexp.dtype)  # (n, V)
             all_logprobs = logits.sub_(logsumexp[start:end, None])  # (n, V), in place
-            probs = all_logprobs.exp()
             # d logprob / d logits = onehot(target) - p;  d H / d logits = -p (log p + H)
             grad_out = grad_logprobs[start:end, None]  # (n, 1)
             if grad_entropy is not None:
+                probs = all_logprobs.exp()
                 log_p_plus_h = all_logprobs.add_(entropy[start:end, None])  # (n, V), in place
                 grad_out = grad_out + grad_entropy[start:end, None] * log_p_plus_h  # (n, V)
-            grad_logits = -probs * grad_out
+            else:
+                probs = all_logprobs.exp_()  # (n, V), in place: the log-probs are not needed
+            grad_logits = probs.mul_(grad_out).neg_()  # -p * grad_out, in place
             grad_logits.scatter_add_(1, targets[start:end, None], grad_logprobs[start:end, None])
             grad_logits = grad_logits.to(weight.dtype)
             if grad_hidden is not None:
