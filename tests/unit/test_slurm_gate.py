@@ -36,6 +36,8 @@ def _run_slurm_tests(tmp_path: Path, *, enabled: bool) -> tuple[subprocess.Compl
             "-rs",
             "-p",
             "no:cacheprovider",
+            "-n",
+            "0",  # one test: no second test process
             "-k",
             "exit_status",
         ],
