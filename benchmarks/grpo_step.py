@@ -206,14 +206,14 @@ def rl_toolkit_config(
                 "kwargs": {"factor": 1.0, "total_iters": 0},
             }
         ],
-        "generation": {
-            "backend": "hf",
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "max_new_tokens": args["max_new_tokens"],
-            "stop_token_ids": [],
-        },
+    }
+    policy_cfg["generation"] |= {
+        "backend": "hf",
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "max_new_tokens": args["max_new_tokens"],
+        "stop_token_ids": [],
     }
     policy_cfg["tokenizer"]["name"] = args["model_dir"]
     if mb_tokens is not None:
