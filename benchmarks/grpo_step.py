@@ -206,14 +206,14 @@ def rl_toolkit_config(
                 "kwargs": {"factor": 1.0, "total_iters": 0},
             }
         ],
-        "generation": {
-            "backend": "hf",
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "max_new_tokens": args["max_new_tokens"],
-            "stop_token_ids": [],
-        },
+    }
+    policy_cfg["generation"] |= {
+        "backend": "hf",
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "max_new_tokens": args["max_new_tokens"],
+        "stop_token_ids": [],
     }
     policy_cfg["tokenizer"]["name"] = args["model_dir"]
     if mb_tokens is not None:
@@ -304,9 +304,13 @@ def run_trl(
         disable_dropout=True,
     )
     generated: list[int] = []
+    seen_prompts: list[str] = []
 
-    def reward(completions: list[str], completion_ids: list[list[int]], **_: Any) -> list[float]:
+    def reward(
+        prompts: list[str], completions: list[str], completion_ids: list[list[int]], **_: Any
+    ) -> list[float]:
         generated.append(sum(len(ids) for ids in completion_ids))  # EOS included
+        seen_prompts.extend(prompts)
         return even_word_reward(completions)
 
     timer = trl_step_timer()
@@ -320,6 +324,9 @@ def run_trl(
     )
     timer.clock = StepClock()
     trainer.train()
+    # Each step took the next prompts_per_step prompts, each G times, as rl_toolkit's steps do.
+    expected = [text(ids) for ids in prompts for _ in range(group_size)]
+    assert seen_prompts == expected, "TRL's steps took other prompts than rl_toolkit's"
     return timer.clock.laps, generated
 
 
