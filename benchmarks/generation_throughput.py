@@ -26,20 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from harness import EOS_ID, FIRST_WORD_ID, PAD_ID, REPO, SEED, StepClock, main, print_result
+from harness import EOS_ID, FIRST_WORD_ID, MODELS, PAD_ID, REPO, SEED, StepClock, main, print_result
 
 # Model and prompts per device. Prompt lengths are log-normal with median max_prompt / 5,
 # clipped to [4, max_prompt]; max_prompt + max_new_tokens <= max_length.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
-        "model": {
-            "hidden_size": 384,
-            "intermediate_size": 1024,
-            "num_hidden_layers": 6,
-            "num_attention_heads": 6,
-            "num_key_value_heads": 6,
-            "vocab_size": 16000,
-        },
+        "model": MODELS["cpu"],
         "max_length": 256,
         "max_prompt": 128,
         "prompts_per_step": 32,
@@ -49,14 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 3,
     },
     "gpu": {
-        "model": {
-            "hidden_size": 1536,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 16,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 4,
-            "vocab_size": 32000,
-        },
+        "model": MODELS["gpu"],
         "max_length": 1536,
         "max_prompt": 512,
         "prompts_per_step": 64,

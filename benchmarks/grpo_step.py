@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from harness import (
     FIRST_WORD_ID,
+    MODELS,
     PAD_ID,
     REPO,
     RL_TOOLKIT_RUN,
@@ -79,14 +80,7 @@ from harness import (
 # max_new_tokens <= max_length, so nothing is truncated.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
-        "model": {
-            "hidden_size": 384,
-            "intermediate_size": 1024,
-            "num_hidden_layers": 6,
-            "num_attention_heads": 6,
-            "num_key_value_heads": 6,
-            "vocab_size": 16000,
-        },
+        "model": MODELS["cpu"],
         "max_length": 128,
         "max_prompt": 64,
         "prompts_per_step": 4,
@@ -98,14 +92,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 3,
     },
     "gpu": {
-        "model": {
-            "hidden_size": 1536,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 16,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 4,
-            "vocab_size": 32000,
-        },
+        "model": MODELS["gpu"],
         "max_length": 768,
         "max_prompt": 256,
         "prompts_per_step": 16,

@@ -27,6 +27,27 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 FIRST_WORD_ID = 3
+# The Llama-architecture model of every benchmark, per preset (random weights, write_model_dir):
+# CPU 22.9M parameters (untied lm_head), GPU about 0.5B.
+MODELS: dict[str, dict[str, int]] = {
+    "cpu": {
+        "hidden_size": 384,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 6,
+        "vocab_size": 16000,
+    },
+    "gpu": {
+        "hidden_size": 1536,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+    },
+}
+
 SEED = 1234
 
 # A run of rl_toolkit with another attention implementation and/or token budget: rl_toolkit@sdpa:512

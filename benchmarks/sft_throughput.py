@@ -30,6 +30,7 @@ import torch
 from harness import (
     EOS_ID,
     FIRST_WORD_ID,
+    MODELS,
     PAD_ID,
     REPO,
     RL_TOOLKIT_RUN,
@@ -47,14 +48,7 @@ from harness import (
 # max_length, so nothing is truncated by either framework.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
-        "model": {
-            "hidden_size": 384,
-            "intermediate_size": 1024,
-            "num_hidden_layers": 6,
-            "num_attention_heads": 6,
-            "num_key_value_heads": 6,
-            "vocab_size": 16000,
-        },
+        "model": MODELS["cpu"],
         "max_length": 512,
         "rows_per_step": 16,
         "micro_batch": {"unit": "tokens", "train": 2048, "logprob": 4096},
@@ -63,14 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 3,
     },
     "gpu": {
-        "model": {
-            "hidden_size": 1536,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 16,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 4,
-            "vocab_size": 32000,
-        },
+        "model": MODELS["gpu"],
         "max_length": 4096,
         "rows_per_step": 32,
         "micro_batch": {"unit": "tokens", "train": 16384, "logprob": 16384},
