@@ -305,22 +305,44 @@ def train_on_rollout(
     master_config: MasterConfig,
     timer: Timer,
 ) -> dict[str, float]:
-    """Reference log-probs (KL), advantages, then one optimizer step per global batch.
+    """Reference log-probs (KL), advantages, then one optimizer step per global batch
+    (`optimize_policy`)."""
+    if master_config["loss_fn"]["reference_policy_kl_penalty"] > 0:
+        add_reference_logprobs(policy, rollout, master_config, timer)
+    rollout["advantages"] = compute_advantages(rollout, master_config)
+    return optimize_policy(policy, rollout, loss_fn, master_config, timer)
+
+
+def add_reference_logprobs(
+    policy: Policy, rollout: BatchedDataDict, master_config: MasterConfig, timer: Timer
+) -> None:
+    """The reference policy's log-probs of the generated tokens, as the rollout's
+    `reference_policy_logprobs` (for a KL term)."""
+    logprob_mbs = micro_batches(master_config["policy"]["micro_batch"], "logprob")
+    with timer.time("reference_logprobs"):
+        reference = policy.reference_logprobs(rollout, logprob_mbs)["reference_logprobs"]
+    rollout["reference_policy_logprobs"] = reference
+
+
+def optimize_policy(
+    policy: Policy,
+    rollout: BatchedDataDict,
+    loss_fn: ClippedPGLossFn,
+    master_config: MasterConfig,
+    timer: Timer,
+) -> dict[str, float]:
+    """One optimizer step per `policy.train_global_batch_size` rows of a rollout that has its
+    `advantages` (and what the loss reads).
 
     With several optimizer steps per rollout, the ratio's denominator is the policy before the
     first of them (`prev_logprobs`); with one, the loss uses the current log-probs detached (the
     ratio is 1) and nothing is recomputed.
     """
     policy_config = master_config["policy"]
-    logprob_mbs = micro_batches(policy_config["micro_batch"], "logprob")
-    if master_config["loss_fn"]["reference_policy_kl_penalty"] > 0:
-        with timer.time("reference_logprobs"):
-            reference = policy.reference_logprobs(rollout, logprob_mbs)["reference_logprobs"]
-            rollout["reference_policy_logprobs"] = reference
-    rollout["advantages"] = compute_advantages(rollout, master_config)
     gbs = policy_config["train_global_batch_size"]
     if rollout.size > gbs:
         with timer.time("prev_logprobs"):
+            logprob_mbs = micro_batches(policy_config["micro_batch"], "logprob")
             logprobs = policy.logprobs(rollout, logprob_mbs)["logprobs"]
             rollout["prev_logprobs"] = logprobs * rollout["token_mask"]
     batch: BatchedDataDict = BatchedDataDict(
@@ -332,10 +354,10 @@ def train_on_rollout(
     with timer.time("training"):
         for start in range(0, batch.size, gbs):
             step_metrics.append(policy.train(batch.slice(start, start + gbs), loss_fn, train_mbs))
-    return _merge_optimizer_steps(step_metrics)
+    return merge_optimizer_steps(step_metrics)
 
 
-def _merge_optimizer_steps(metrics: list[dict[str, float]]) -> dict[str, float]:
+def merge_optimizer_steps(metrics: list[dict[str, float]]) -> dict[str, float]:
     """The metrics of a rollout's optimizer steps: counts summed, the rest averaged."""
     summed = ("global_num_tokens", "num_valid_samples")
     return {
@@ -435,7 +457,7 @@ def validate(
     return metrics, samples
 
 
-def _run_validation(
+def run_validation(
     policy_generation: GenerationInterface,
     val_dataloader: StatefulDataLoader,
     environment: Environment,
@@ -445,6 +467,8 @@ def _run_validation(
     state: GRPOSaveState,
     timer: Timer,
 ) -> None:
+    """`validate` at the state's step: the reward in the save state, the metrics and samples in
+    the logs."""
     step = state["total_steps"]
     with timer.time("validation"):
         metrics, samples = validate(
@@ -495,7 +519,7 @@ def grpo_train(
         with timer.time("refit"):
             policy_generation.update_weights(policy)
     if is_fresh and grpo_config["val_at_start"]:
-        _run_validation(
+        run_validation(
             policy_generation, val_dataloader, environment, tokenizer, master_config, logger,
             state, timer,
         )  # fmt: skip
@@ -539,7 +563,7 @@ def grpo_train(
         is_last = state["total_steps"] >= total_steps
         val_period = grpo_config["val_period"]
         if is_last or (val_period > 0 and state["total_steps"] % val_period == 0):
-            _run_validation(
+            run_validation(
                 policy_generation, val_dataloader, environment, tokenizer, master_config,
                 logger, state, timer,
             )  # fmt: skip

@@ -47,7 +47,7 @@ def test_the_embedded_default_is_a_small_override_of_the_base() -> None:
     assert config["policy"]["random_init"] is True and config["cluster"]["gpus_per_node"] == 2
 
 
-@pytest.mark.parametrize("name", ["dpo.yaml", "grpo.yaml"])
+@pytest.mark.parametrize("name", ["dpo.yaml", "grpo.yaml", "ppo.yaml", "rm.yaml"])
 def test_every_default_is_commented(name: str) -> None:
     # Every key with a value says what it is; the scheduler entries are explained above the list.
     lines = (CONFIGS / name).read_text().splitlines()
