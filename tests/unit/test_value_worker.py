@@ -17,6 +17,8 @@ from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.models.reward.reward_model import reward_model_input
 from rl_toolkit.models.reward.worker import RewardModelWorker
 from rl_toolkit.models.value.worker import ValueWorker
+from rl_toolkit.utils.config import ConfigError
+from rl_toolkit.utils.hf import check_reward_model
 from tests.unit.policy_testing import PAD_ID, make_batch, make_config, make_tokenizer
 
 PADDED = MicroBatches(packed=False, size=4)
@@ -162,3 +164,9 @@ def test_the_reward_model_reads_prompt_and_completion_as_its_training_pairs() ->
     assert ids == prompt + tokenize_response(tokenizer, "t5 t6", prompt, "t7 t8", "c", "x")
     assert ids[-1] == tokenizer.eos_token_id
     assert reward_model_input(tokenizer, "t5 t6", "t7 t8", max_length=3, where="row 0") == ids[-3:]
+
+
+def test_only_a_one_label_classifier_is_taken_as_a_reward_model(tiny, reward_checkpoint) -> None:
+    check_reward_model(str(reward_checkpoint), "reward_model.model_name")
+    with pytest.raises(ConfigError, match=r"^reward_model.model_name: .* is not a reward model"):
+        check_reward_model(str(tiny[0]), "reward_model.model_name")  # a causal LM's checkpoint
