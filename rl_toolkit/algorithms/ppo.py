@@ -137,7 +137,8 @@ def setup(
     """
     policy_config, grpo_config = master_config["policy"], master_config["grpo"]
     check_config(master_config)
-    check_cluster_fits(master_config["cluster"], policy_config)
+    num_groups = _num_worker_groups(master_config)
+    check_cluster_fits(master_config["cluster"], policy_config, num_worker_groups=num_groups)
     check_cluster_fits(master_config["cluster"], master_config["critic"], section="critic")
     if master_config["reward_model"] is not None:
         check_cluster_fits(
@@ -160,9 +161,7 @@ def setup(
         )
     )  # fmt: skip
     logger = resume_loader_and_logger(master_config, resume_path, train_dataloader, save_state)
-    cluster = build_cluster(
-        master_config["cluster"], "ppo", num_worker_groups=_num_worker_groups(master_config)
-    )
+    cluster = build_cluster(master_config["cluster"], "ppo", num_worker_groups=num_groups)
     engines = None  # started before the policy: vLLM sizes its memory by what is free then
     if policy_config["generation"]["backend"] == "vllm":
         engines = VllmGeneration.start(

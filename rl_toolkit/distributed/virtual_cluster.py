@@ -438,7 +438,11 @@ def _resources_per_node(resources: list[str]) -> list[str]:
 
 
 def check_cluster_fits(
-    cluster: ClusterConfig, policy: ShardedModelConfig, *, section: str = "policy"
+    cluster: ClusterConfig,
+    policy: ShardedModelConfig,
+    *,
+    section: str = "policy",
+    num_worker_groups: int = 1,
 ) -> None:
     """The Ray cluster has the GPUs (or CPUs) the workers ask for, and the precision fits.
 
@@ -447,6 +451,8 @@ def check_cluster_fits(
     Args:
         policy: the section of the model the workers hold (the policy, a critic, ...).
         section: its name, for the errors.
+        num_worker_groups: worker groups sharing each bundle (a CPU bundle holds one CPU for
+            each: RayVirtualCluster's max_colocated_worker_groups).
 
     Raises:
         ConfigError: one line naming the cluster.* or <section>.* key and what the cluster has.
@@ -469,9 +475,14 @@ def check_cluster_fits(
                 "host memory already), but the Ray cluster has no GPU; set it to false"
             )
         num_cpus = int(total.get("CPU", 0))
-        if workers > num_cpus:
+        if workers * num_worker_groups > num_cpus:
+            each = (
+                "one CPU each"
+                if num_worker_groups == 1
+                else (f"one CPU each for each of {num_worker_groups} worker groups sharing them")
+            )
             raise ConfigError(
-                f"{asked}, one CPU each, but the Ray cluster has {num_cpus} CPUs and no GPU; "
+                f"{asked}, {each}, but the Ray cluster has {num_cpus} CPUs and no GPU; "
                 "lower cluster.gpus_per_node"
             )
         return
