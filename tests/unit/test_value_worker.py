@@ -14,7 +14,7 @@ from rl_toolkit.algorithms.loss_functions import BradleyTerryLossFn, ValueLossFn
 from rl_toolkit.config_schema import CriticConfig, MicroBatches, RewardModelConfig
 from rl_toolkit.data.tokenization import tokenize_prompt, tokenize_response
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.models.reward.reward_model import reward_model_input
+from rl_toolkit.models.reward.reward_model import reward_model_batch, reward_model_input
 from rl_toolkit.models.reward.worker import RewardModelWorker
 from rl_toolkit.models.value.worker import ValueWorker
 from rl_toolkit.utils.config import ConfigError
@@ -157,13 +157,29 @@ def test_a_checkpoint_resumes_the_critic_exactly(tiny, tmp_path) -> None:
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def test_the_reward_model_reads_prompt_and_completion_as_its_training_pairs() -> None:
+def test_the_reward_model_reads_prompt_and_completion_as_its_training_pairs(
+    reward_checkpoint,
+) -> None:
     tokenizer = make_tokenizer()  # no chat template: plain text, EOS appended
     ids = reward_model_input(tokenizer, "t5 t6", "t7 t8", max_length=32, where="row 0")
     prompt = tokenize_prompt(tokenizer, "t5 t6", "x")
     assert ids == prompt + tokenize_response(tokenizer, "t5 t6", prompt, "t7 t8", "c", "x")
     assert ids[-1] == tokenizer.eos_token_id
     assert reward_model_input(tokenizer, "t5 t6", "t7 t8", max_length=3, where="row 0") == ids[-3:]
+
+    # What RewardModel.score sends its workers: each text's tokens, scored as HF scores them.
+    prompts, completions = ["t5 t6", "t9", "t7 t7 t8"], ["t3 t4", "t9 t9 t9", ""]
+    batch = reward_model_batch(tokenizer, prompts, completions, max_length=32)
+    rewards = RewardModelWorker(config=reward_config(reward_checkpoint)).score(batch, PACKED)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_checkpoint).eval()
+    with torch.no_grad():
+        expected = [
+            model(torch.tensor([reward_model_input(tokenizer, p, c, max_length=32, where="")]))
+            .logits[0, 0]
+            .item()
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    assert rewards["rewards"].tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_only_a_one_label_classifier_is_taken_as_a_reward_model(tiny, reward_checkpoint) -> None:

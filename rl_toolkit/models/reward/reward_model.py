@@ -73,26 +73,10 @@ class RewardModel:
         self, prompts: list[Prompt], completions: list[str], metadata: list[dict[str, Any]]
     ) -> EnvironmentResult:
         """Rewards of N completions (Environment.score); the metadata is not read."""
-        items: list[dict[str, Any]] = [
-            {
-                "prompt_id": row,
-                "input_ids": torch.tensor(
-                    reward_model_input(
-                        self.tokenizer,
-                        prompt,
-                        completion,
-                        max_length=self.max_total_sequence_length,
-                        where=f"row {row}",
-                    )
-                ),
-                "prompt": prompt,
-                "metadata": {},
-            }
-            for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True))
-        ]
-        batch = prompt_collate_fn(items, pad_token_id=self.tokenizer.pad_token_id)
-        rewards = self.score_sequences(batch)
-        return EnvironmentResult(rewards=rewards.tolist(), metrics={})
+        batch = reward_model_batch(
+            self.tokenizer, prompts, completions, max_length=self.max_total_sequence_length
+        )
+        return EnvironmentResult(rewards=self.score_sequences(batch).tolist(), metrics={})
 
     def shutdown(self) -> None:
         """Leave the process group on every worker, then stop the workers."""
@@ -124,3 +108,28 @@ def reward_model_input(
     prompt_ids = tokenize_prompt(tokenizer, prompt, where)
     response_ids = tokenize_response(tokenizer, prompt, prompt_ids, completion, "completion", where)
     return (prompt_ids + response_ids)[-max_length:]
+
+
+def reward_model_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    completions: list[str],
+    *,
+    max_length: int,
+) -> BatchedDataDict:
+    """The right-padded batch (`input_ids [N, T]`, `input_lengths [N]`) of the reward model's
+    tokens of N prompts and completions (`reward_model_input`), rows in order."""
+    items: list[dict[str, Any]] = [
+        {
+            "prompt_id": row,
+            "input_ids": torch.tensor(
+                reward_model_input(
+                    tokenizer, prompt, completion, max_length=max_length, where=f"row {row}"
+                )
+            ),
+            "prompt": prompt,
+            "metadata": {},
+        }
+        for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True))
+    ]
+    return prompt_collate_fn(items, pad_token_id=tokenizer.pad_token_id)
