@@ -306,8 +306,11 @@ class RuleReward(BaseModule):
         result = self.environment.score(
             batch["prompts"], completion_texts(batch, self.tokenizer), batch["metadata"]
         )
+        rewards = torch.tensor(result.rewards, dtype=torch.float32)
+        # Averaged over the ranks' equal shards by the engine: the episode's mean reward.
+        self.add_metrics({"reward": rewards.mean().item()})
         self.add_metrics({f"env/{k}": v for k, v in result.metrics.items()})
-        return {"rewards": torch.tensor(result.rewards, dtype=torch.float32)}
+        return {"rewards": rewards}
 
 
 def dataset_rows(config: Any, split: str = "train") -> datasets.Dataset:
