@@ -84,6 +84,15 @@ class Sampler(_Tracked):
         return self.forward_step(data)
 
 
+class Value(_Tracked):
+    """The 'value model': `values` of each row from its weights (synced from its trainer)."""
+
+    def forward_step(self, data: dict[str, Any], iteration: int = 0) -> dict[str, Any]:
+        record(self, "forward", iteration=iteration, hash=self.weights_hash())
+        with torch.no_grad():
+            return {"values": self.model(data["x"]).squeeze(1)}
+
+
 class Reference(BaseModule):
     """Adds `ref` = 2 * id (no torch model)."""
 
@@ -92,12 +101,14 @@ class Reference(BaseModule):
 
 
 class Reward(BaseModule):
-    """`rewards` = sample index, so every group has a signal."""
+    """`rewards` = sample index, so every group has a signal; in an RLHF flow it gets the
+    completions, the reference's and the value model's outputs, and records what it saw."""
 
     def setup(self) -> None:
         record(self, "setup", world=self.data_parallel_size)
 
     def forward_step(self, data: dict[str, Any], iteration: int = 0) -> dict[str, Any]:
+        record(self, "forward", keys=sorted(data))
         return {"rewards": data["sample"].float()}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import rl_toolkit
-from rl_toolkit import DPOEngine, Engine, GRPOEngine
+from rl_toolkit import DPOEngine, Engine, RLHFEngine
 from rl_toolkit.distributed.worker_groups import WorkerError
 from rl_toolkit.engine import EngineError, MegatronModule
 from rl_toolkit.utils.config import ConfigError
@@ -21,10 +21,14 @@ from tests.unit.engine_modules import (
     Reward,
     Sampler,
     Trainer,
+    Value,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_ITEMS = 12
+
+# Each engine start builds 8 worker processes; slow on a loaded 2-core machine.
+pytestmark = pytest.mark.timeout(900)
 
 
 def init(tmp_path: Path, log: Path, *overrides: str, fail_at: int | None = None) -> dict:
@@ -32,7 +36,8 @@ def init(tmp_path: Path, log: Path, *overrides: str, fail_at: int | None = None)
     two, one = f"{{num_workers: 2, args: {args}}}", f"{{num_workers: 1, args: {args}}}"
     return rl_toolkit.init(
         REPO / "configs" / "engine.yaml",
-        f"models={{policy: {two}, ppo_policy: {two}, reference: {one}, reward: {one}}}",
+        f"models={{policy: {two}, ppo_policy: {two}, reference: {one}, reward: {one}, "
+        f"value: {one}, ppo_value: {one}}}",
         "runtime.num_episode=4",
         "runtime.sample_per_episode=4",  # 4 items -> 8 rows: one global batch an episode
         "runtime.generation_batch_size=2",
@@ -40,7 +45,7 @@ def init(tmp_path: Path, log: Path, *overrides: str, fail_at: int | None = None)
         "runtime.train_micro_batch_size=2",  # 2 micro-batches of 2 rows on each of 2 ranks
         "runtime.save_episode_interval=2",
         "runtime.eval_episode_interval=0",
-        "runtime.colocation=[[policy, ppo_policy], [reference, reward]]",
+        "runtime.colocation=[[policy, ppo_policy], [reference, reward, value, ppo_value]]",
         f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}",
         f"logger.log_dir={tmp_path / 'logs'}",
         "logger.tensorboard_enabled=false",
@@ -48,10 +53,12 @@ def init(tmp_path: Path, log: Path, *overrides: str, fail_at: int | None = None)
     )
 
 
-def grpo_shaped_engine() -> GRPOEngine:
-    engine = GRPOEngine(
-        Sampler("policy"), Reference("reference"), Reward("reward"), Trainer("ppo_policy")
-    )
+def rlhf_engine() -> RLHFEngine:
+    """Six user modules; the policy trainer takes train_info, the value trainer iteration."""
+    engine = RLHFEngine(
+        Sampler("policy"), Reference("reference"), Reward("reward"), Value("value"),
+        Trainer("ppo_policy"), OldStyleTrainer("ppo_value"),
+    )  # fmt: skip
     engine.set_dataset(list(range(NUM_ITEMS)))
     return engine
 
@@ -71,7 +78,7 @@ def events(lines: list[dict], module: str, event: str, rank: int | None = None) 
 def straight_run(ray_session, tmp_path_factory) -> list[dict]:
     tmp_path = tmp_path_factory.mktemp("straight")
     init(tmp_path, tmp_path / "log.jsonl")
-    state = grpo_shaped_engine().learn()
+    state = rlhf_engine().learn()
     assert state == {"episode": 4, "iteration": 4}
     return read(tmp_path / "log.jsonl")
 
@@ -120,9 +127,9 @@ def test_a_failed_run_resumes_at_the_next_episode_with_the_same_data(
     log = tmp_path / "log.jsonl"
     init(tmp_path, log, fail_at=3)  # dies in the 4th episode, after the checkpoint of the 2nd
     with pytest.raises(WorkerError, match="killed mid-episode"):
-        grpo_shaped_engine().learn()
+        rlhf_engine().learn()
     init(tmp_path, log, fail_at=3)
-    assert grpo_shaped_engine().learn() == {"episode": 4, "iteration": 4}
+    assert rlhf_engine().learn() == {"episode": 4, "iteration": 4}
     lines = read(log)
     forwards = [(line["iteration"], line["ids"]) for line in events(lines, "policy", "forward", 0)]
     # First run: episodes 0, 1, 2, 3 (failing in training); the second resumes at episode 2.
@@ -135,38 +142,26 @@ def test_a_failed_run_resumes_at_the_next_episode_with_the_same_data(
     assert final == events(straight_run, "ppo_policy", "train", 0)[-1]["hash"]
 
 
-def test_the_iteration_signature_and_a_dpo_shaped_flow(ray_session, tmp_path) -> None:
-    log = tmp_path / "log.jsonl"
-    init(tmp_path, log, "runtime.num_episode=1", "runtime.train_global_batch_size=4",
-         "runtime.colocation=[[reference, ppo_policy]]", "models.reference.num_workers=2")  # fmt: skip
-
-    class Pairs(Reference):  # builds the data; rows in pairs (group_size 2) like preferences
-        def build_dataset(self, prompts, is_eval=False):
-            return Sampler.build_dataset(self, prompts)
-
-        def forward_step(self, data, iteration=0):
-            return {
-                **super().forward_step(data),
-                "sample": data["id"] % 2,
-                "rewards": data["x"][:, 0],
-            }
-
-    engine = DPOEngine(Pairs("reference"), OldStyleTrainer("ppo_policy"))
-    engine.set_dataset(list(range(NUM_ITEMS)))
-    engine.learn()
-    steps = events(read(log), "ppo_policy", "train")
-    # One episode of 4 rows is one global batch: iteration 0 on both ranks, the old signature.
-    assert sorted((s["rank"], s["iteration"], s["episode"]) for s in steps) == [
-        (0, 0, -1),
-        (1, 0, -1),
-    ]
-    assert all(step["sizes"] == [2] for step in steps)
+def test_both_train_step_signatures_and_the_rlhf_flow(straight_run) -> None:
+    # ppo_value's train_step(data, iteration): the engine passes the iteration (its record
+    # says episode -1, the OldStyleTrainer's marker); ppo_policy's gets train_info.
+    value_steps = events(straight_run, "ppo_value", "train", 0)
+    assert [(s["iteration"], s["episode"]) for s in value_steps] == [(i, -1) for i in range(4)]
+    assert all(step["sizes"] == [2, 2, 2, 2] for step in value_steps)  # one rank: 8 rows
+    # The reward module got the completions with the reference's and the value model's keys.
+    keys = events(straight_run, "reward", "forward")[0]["keys"]
+    assert {"id", "sample", "x", "score", "ref", "values"} <= set(keys)
+    # The value model generates with its trainer's weights of the previous episode.
+    trained = [step["hash"] for step in value_steps]
+    for line in events(straight_run, "value", "forward"):
+        if line["iteration"] > 0:
+            assert line["hash"] == trained[line["iteration"] - 1]
 
 
 def test_one_line_errors(ray_session, tmp_path) -> None:
     with pytest.raises(EngineError, match="Megatron-LM models are not supported"):
         MegatronModule("policy")
-    init(tmp_path, tmp_path / "log.jsonl")
+    init(tmp_path, tmp_path / "log.jsonl", "runtime.colocation=[]")
     engine = DPOEngine(NoDataset("reference"), Trainer("ppo_policy")).set_dataset([1, 2])
     with pytest.raises(
         EngineError, match=r"'reference' \(NoDataset\) must implement build_dataset"
@@ -185,11 +180,11 @@ def test_one_line_errors(ray_session, tmp_path) -> None:
     ):
         flow_engine.set_dataset(list(range(4))).learn()
 
-    init(tmp_path, tmp_path / "log.jsonl", "runtime.colocation=[]")  # 2 + 2 + 1 + 1 > 4 CPUs
-    with pytest.raises(EngineError, match=r"need 6 CPUs .* but the Ray cluster has 4"):
-        grpo_shaped_engine().learn()
+    init(tmp_path, tmp_path / "log.jsonl", "runtime.colocation=[]")  # 2 + 2 + 4 x 1 > 4 CPUs
+    with pytest.raises(EngineError, match=r"need 8 CPUs .* but the Ray cluster has 4"):
+        rlhf_engine().learn()
     init(tmp_path, tmp_path / "log.jsonl", "runtime.colocation=[[policy, reward]]")
     with pytest.raises(EngineError, match=r"need the same models.<name>.num_workers"):
-        grpo_shaped_engine().learn()
+        rlhf_engine().learn()
     with pytest.raises(ConfigError, match="runtime.sample_per_episode=5 must be a multiple"):
         init(tmp_path, tmp_path / "log.jsonl", "runtime.sample_per_episode=5")
