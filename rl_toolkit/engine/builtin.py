@@ -59,6 +59,24 @@ class CollatedDataset(Dataset):
         return self.items[index]
 
 
+def preference_dataset(prompts: Any, tokenizer: Any, config: Any) -> Dataset:
+    """Preference rows (`prompt`, `chosen_response`, `rejected_response`) tokenised and batched
+    as `run_dpo.py` does (the config's `data` and `policy` sections): a module's build_dataset."""
+    pairs = tokenize_preference_dataset(
+        _rows(prompts),
+        tokenizer,
+        TaskDataSpec(task_name="engine"),
+        config["data"],
+        max_total_sequence_length=config["policy"]["max_total_sequence_length"],
+    )
+    collate = partial(
+        preference_collate_fn,
+        pad_token_id=tokenizer.pad_token_id,
+        pad_to_multiple_of=config["data"]["pad_to_multiple_of"],
+    )
+    return CollatedDataset(pairs, collate)
+
+
 def _rows(prompts: Any) -> datasets.Dataset:
     """What `engine.set_dataset` got, as a datasets.Dataset: a split of one, or a list of rows."""
     if isinstance(prompts, datasets.Dataset):
@@ -159,22 +177,9 @@ class PolicyReference(_PolicyModule):
         return {"reference_policy_logprobs": logprobs["logprobs"]}
 
     def build_dataset(self, prompts: Any, is_eval: bool = False) -> Dataset:
-        config = self.global_args
-        if _algorithm(config) != "dpo":
+        if _algorithm(self.global_args) != "dpo":
             raise EngineError(f"{self.name}: PolicyReference builds DPO data (a `dpo` config)")
-        pairs = tokenize_preference_dataset(
-            _rows(prompts),
-            self.tokenizer,
-            TaskDataSpec(task_name="engine"),
-            config["data"],
-            max_total_sequence_length=config["policy"]["max_total_sequence_length"],
-        )
-        collate = partial(
-            preference_collate_fn,
-            pad_token_id=self.tokenizer.pad_token_id,
-            pad_to_multiple_of=config["data"]["pad_to_multiple_of"],
-        )
-        return CollatedDataset(pairs, collate)
+        return preference_dataset(prompts, self.tokenizer, self.global_args)
 
 
 class PolicyInference(_PolicyModule):

@@ -271,7 +271,7 @@ class Engine:
             for group in self.groups.values():
                 metrics |= {f"{group.module.name}/{k}": v for k, v in group.metrics().items()}
             logger.log_metrics(metrics, state["episode"], prefix="train")
-            logger.print_metrics(metrics, state["episode"], prefix="train")
+            logger.print_metrics(_shown(metrics), state["episode"], prefix="train")
             is_last = state["episode"] == runtime["num_episode"]
             eval_every, save_every = (
                 runtime["eval_episode_interval"],
@@ -487,6 +487,12 @@ def _endless(loader: StatefulDataLoader) -> Iterator[Any]:
             raise EngineError(
                 "the dataset has fewer items than runtime.generation_batch_size: no batch"
             )
+
+
+def _shown(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics the console shows (all go to metrics.jsonl): not the counts."""
+    counts = ("num_", "global_num_", "rows")
+    return {k: v for k, v in metrics.items() if not k.rpartition("/")[2].startswith(counts)}
 
 
 def _rank_mean(name: str, results: list[Any]) -> dict[str, float]:
