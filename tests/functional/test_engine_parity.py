@@ -42,13 +42,18 @@ def test_dpo_engine_losses_equal_dpo_train(ray_head, tmp_path) -> None:
 
 
 def test_grpo_engine_equals_grpo_train_on_the_tiny_task(ray_head, tmp_path) -> None:
-    common = ("grpo.sft_warmup_steps=0",)
+    # One worker a module (sampling is seeded per row, so the rollouts do not depend on it):
+    # the engine's four modules start 4 processes instead of 8.
+    one_worker = [
+        f"models.{name}.num_workers=1" for name in ("policy", "reference", "reward", "ppo_policy")
+    ]
+    common = ("grpo.sft_warmup_steps=0", "cluster.gpus_per_node=1")
     recipe = train_metrics(
         ray_head, tmp_path / "recipe", "run_grpo.py", *common, "grpo.max_num_steps=4",
         "grpo.val_period=0", "grpo.val_at_start=false",
     )  # fmt: skip
     engine = train_metrics(
-        ray_head, tmp_path / "engine", "engine/grpo.py", *common, "runtime.num_episode=4",
+        ray_head, tmp_path / "engine", "engine/grpo.py", *common, *one_worker, "runtime.num_episode=4",
         "runtime.eval_episode_interval=0", "runtime.eval_at_start=false",
     )  # fmt: skip
     assert [m["step"] for m in engine] == [m["step"] for m in recipe] == [1, 2, 3, 4]
