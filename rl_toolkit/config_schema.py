@@ -675,6 +675,95 @@ class GRPOMasterConfig(TypedDict):
 
 
 # ---------------------------------------------------------------------------------------------
+# the engine (rl_toolkit.engine; defaults in configs/engine/*.yaml)
+
+
+class EngineModelConfig(TypedDict):
+    """One module's entry under `models` (keyed by the module's name).
+
+    num_workers: the module's data-parallel size: one worker (process) per GPU, or per CPU
+        bundle without GPUs; the module's `data_parallel_size`.
+    args: the module's own arguments (`BaseModule.model_args`), free-form.
+    """
+
+    num_workers: PositiveInt
+    args: dict[str, Any]
+
+
+class RuntimeConfig(TypedDict):
+    """The `runtime` section: the engine's schedule (ChatLearn's runtime_args).
+
+    num_episode: episodes to run; each draws `sample_per_episode` dataset items.
+    sample_per_episode: dataset items (prompts, preference pairs) per episode.
+    generation_batch_size: items per call of the environment flow (the loader's batch).
+    train_global_batch_size: rows per `train_step` call over all data-parallel ranks (rows:
+        what the flow returns, e.g. G completions per prompt, 2 sequences per pair).
+    train_micro_batch_size: rows per micro-batch dict in the list each rank's `train_step` gets.
+    num_training_epoch: passes of the trainers over an episode's samples.
+    save_episode_interval: checkpoint every this many episodes (and after the last); 0: never.
+    eval_episode_interval: evaluate every this many episodes (and after the last); 0: never.
+    eval_at_start: evaluate once before the first episode.
+    colocation: groups of module names that share the same workers' devices; a module in no
+        group gets devices of its own.
+    shuffle: reshuffle the dataset every epoch (seeded by `seed` and the epoch).
+    seed: seeds the shuffle and the driver's random generators.
+    """
+
+    num_episode: PositiveInt
+    sample_per_episode: PositiveInt
+    generation_batch_size: PositiveInt
+    train_global_batch_size: PositiveInt
+    train_micro_batch_size: PositiveInt
+    num_training_epoch: PositiveInt
+    save_episode_interval: NonNegativeInt
+    eval_episode_interval: NonNegativeInt
+    eval_at_start: bool
+    colocation: list[list[str]]
+    shuffle: bool
+    seed: int
+
+
+class EngineConfig(TypedDict):
+    """The sections the engine itself reads; the rest of an engine config (`policy`, `dpo`,
+    ...) is the modules' (`BaseModule.global_args`), checked by the modules that read it."""
+
+    runtime: RuntimeConfig
+    models: dict[str, EngineModelConfig]
+    cluster: ClusterConfig
+    checkpointing: CheckpointingConfig
+    logger: LoggerConfig
+
+
+def check_runtime_schedule(runtime: RuntimeConfig) -> None:
+    """The rules between the `runtime` keys that need no module.
+
+    Raises:
+        ConfigError: one line naming the key and what would be right.
+    """
+    episode, generation = runtime["sample_per_episode"], runtime["generation_batch_size"]
+    if episode % generation:
+        raise ConfigError(
+            f"runtime.sample_per_episode={episode} must be a multiple of "
+            f"runtime.generation_batch_size={generation} (whole flow calls per episode)"
+        )
+    gbs, mbs = runtime["train_global_batch_size"], runtime["train_micro_batch_size"]
+    if gbs % mbs:
+        raise ConfigError(
+            f"runtime.train_global_batch_size={gbs} must be a multiple of "
+            f"runtime.train_micro_batch_size={mbs}"
+        )
+    seen: dict[str, int] = {}
+    for index, group in enumerate(runtime["colocation"]):
+        for name in group:
+            if name in seen:
+                raise ConfigError(
+                    f"runtime.colocation: module {name!r} is in groups {seen[name]} and {index}; "
+                    "a module shares devices with one group at most"
+                )
+            seen[name] = index
+
+
+# ---------------------------------------------------------------------------------------------
 # Rules between keys
 
 

@@ -281,8 +281,10 @@ class RayVirtualCluster:
         bundle_ct_per_node_list: bundles (workers) per node, e.g. `[8, 8]` for two 8-GPU nodes.
         use_gpus: one GPU per bundle; falls back to CPU bundles (with a warning) when the Ray
             cluster has no GPUs.
-        max_colocated_worker_groups: worker groups that may share a bundle; each bundle gets
-            that many CPUs (one per actor) and each actor 1 / that of the bundle's GPU.
+        max_colocated_worker_groups: worker groups that may share a bundle; with GPUs each
+            bundle gets that many CPUs (one per actor) and each actor 1 / that of the bundle's
+            GPU; without, the bundle has one CPU and each actor 1 / that of it (the groups of
+            an engine take turns on it).
         num_gpus_per_node: GPUs per node; a node's bundle count may not exceed it (GPU mode).
         name: prefix of the placement group names (shows in `ray status` / `ray list`).
         placement_group_strategy: "STRICT_PACK": one placement group per node entry, its
@@ -339,10 +341,9 @@ class RayVirtualCluster:
             )
 
     def _bundle(self) -> dict[str, float]:
-        bundle = {"CPU": float(self.max_colocated_worker_groups)}
-        if self.use_gpus:
-            bundle["GPU"] = 1.0
-        return bundle
+        if not self.use_gpus:
+            return {"CPU": 1.0}
+        return {"CPU": float(self.max_colocated_worker_groups), "GPU": 1.0}
 
     def _create_placement_groups(self, ready_timeout_s: float) -> list[PlacementGroup]:
         if self.placement_group_strategy == _PER_NODE_STRATEGY:
