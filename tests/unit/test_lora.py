@@ -4,6 +4,7 @@ and activation checkpointing, and the config checks. Two workers: test_lora_dist
 
 import json
 import math
+import runpy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,17 +17,20 @@ from transformers import AutoModelForCausalLM
 from rl_toolkit.algorithms import dpo
 from rl_toolkit.algorithms.loss_functions import DPOLossFn
 from rl_toolkit.config_schema import (
+    GRPOMasterConfig,
     MasterConfig,
     MicroBatches,
+    SFTMasterConfig,
     check_master_config,
     micro_batches,
     resolve_local_paths,
 )
 from rl_toolkit.data import load_preference_dataset, tokenize_preference_dataset
+from rl_toolkit.distributed import virtual_cluster
 from rl_toolkit.models.generation.vllm_generation import VllmGeneration
 from rl_toolkit.models.lora import check_lora_config
 from rl_toolkit.models.policy.worker import PolicyWorker
-from rl_toolkit.utils.config import ConfigError, load_config
+from rl_toolkit.utils.config import ConfigError, load_config, run_cli_with_config
 from rl_toolkit.utils.hf import get_tokenizer
 from rl_toolkit.utils.safe_load import read_dcp_metadata
 from tests.unit.policy_testing import (
@@ -207,10 +211,6 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 
 
 def test_a_bad_lora_config_is_one_line() -> None:
-    with pytest.raises(ConfigError) as error:
-        tiny_dpo(LORA_OVERRIDE.replace("rank: 4", "rank: 0"))
-    assert "'policy.lora.rank': input should be greater than or equal to 1" in one_line(error)
-
     config = tiny_dpo(LORA_OVERRIDE.replace("v_proj", "v_prj"))
     config["policy"]["model_name"] = str(REPO / "assets" / "tiny_llama")
     with pytest.raises(ConfigError) as error:
@@ -300,3 +300,37 @@ def test_a_few_lora_dpo_steps_on_the_embedded_default_learn() -> None:
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-6) and before["accuracy"] == 0
     assert losses[-1] < losses[0]
     assert after["loss"] < math.log(2) - 0.02 and after["accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("script", ["run_dpo", "run_sft", "run_grpo"])
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        (
+            "{rank: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, qkv_proj]}",
+            "error: policy.lora.target_modules: 'qkv_proj' names no linear layer of ",
+        ),
+        (
+            "{rank: 0, alpha: 8, dropout: 0.0, target_modules: all-linear}",
+            "error: Invalid config: 'policy.lora.rank': input should be greater than or equal to 1",
+        ),
+    ],
+    ids=["unknown_target", "rank_0"],
+)
+def test_each_script_exits_2_in_one_line_on_a_bad_lora_config_before_ray(
+    script, lora, message, monkeypatch, capsys
+) -> None:
+    def no_ray(*args, **kwargs) -> None:
+        raise AssertionError("Ray started before the config was checked")
+
+    monkeypatch.setattr(virtual_cluster, "init_ray", no_ray)
+    entry = runpy.run_path(str(REPO / "examples" / f"{script}.py"))  # its main and check
+    schema = {"run_dpo": MasterConfig, "run_sft": SFTMasterConfig, "run_grpo": GRPOMasterConfig}
+    with pytest.raises(SystemExit) as exit:
+        run_cli_with_config(
+            entry["main"], [f"policy.lora={lora}"], entry["EMBEDDED_DEFAULT"], "", schema[script],
+            check=entry["check"],
+        )  # fmt: skip
+    assert exit.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(message) and stderr.count("\n") == 1, stderr

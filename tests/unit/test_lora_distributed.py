@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -31,6 +32,8 @@ from tests.unit.policy_testing import (
     naive_logprobs,
     new_worker,
 )
+
+pytestmark = pytest.mark.slow  # a second process: its imports take 10-20 s on the 2-core machine
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
 # As in test_sft_invariance: lr 1e-3 keeps Adam's moves of rounding-level gradients (summed in
