@@ -175,14 +175,14 @@ def check_lora_config(policy: PolicyConfig) -> None:
     """Check ``policy.lora`` against the model, on the driver, before any worker starts.
 
     The model is built on the meta device from its config (no weights are read): every name of
-    ``target_modules`` must match a linear layer other than the output layer, and peft must be
-    able to add the adapters.
+    ``target_modules`` must match a linear layer other than the output layer (peft adapts any
+    ``nn.Linear``; "all-linear" is peft's own choice of them).
 
     Raises:
         ConfigError: one line naming ``policy.lora.target_modules`` and what would be right.
     """
     lora = policy["lora"]
-    if lora is None:
+    if lora is None or lora["target_modules"] == ALL_LINEAR:
         return
     check_model_path(policy["model_name"])
     with torch.device("meta"):
@@ -193,24 +193,18 @@ def check_lora_config(policy: PolicyConfig) -> None:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and module is not output
     ]
-    key = "policy.lora.target_modules"
-    if lora["target_modules"] != ALL_LINEAR:
-        names = sorted({name.rpartition(".")[2] for name in linear})
-        for target in lora["target_modules"]:
-            if output is not None and _matches(_module_name(model, output), target):
-                raise ConfigError(
-                    f"{key}: {target!r} is the output layer, which LoRA cannot adapt here (the "
-                    f"log-prob kernel reads its weight); adapt some of {names}"
-                )
-            if not any(_matches(name, target) for name in linear):
-                raise ConfigError(
-                    f"{key}: {target!r} names no linear layer of {policy['model_name']}; its "
-                    f"linear layers are {names} (or use {ALL_LINEAR!r})"
-                )
-    try:
-        add_lora(model, lora)
-    except ValueError as exc:
-        raise ConfigError(f"policy.lora: peft cannot add the adapters: {exc}") from None
+    key, names = "policy.lora.target_modules", sorted({n.rpartition(".")[2] for n in linear})
+    for target in lora["target_modules"]:
+        if output is not None and _matches(_module_name(model, output), target):
+            raise ConfigError(
+                f"{key}: {target!r} is the output layer, which LoRA cannot adapt here (the "
+                f"log-prob kernel reads its weight); adapt some of {names}"
+            )
+        if not any(_matches(name, target) for name in linear):
+            raise ConfigError(
+                f"{key}: {target!r} names no linear layer of {policy['model_name']}; its linear "
+                f"layers are {names} (or use {ALL_LINEAR!r})"
+            )
 
 
 def _matches(name: str, target: str) -> bool:

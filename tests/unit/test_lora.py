@@ -44,6 +44,7 @@ from tests.unit.policy_testing import (
     new_worker,
     token_nll_loss,
 )
+from tests.unit.test_policy_generation import prompt_batch, sampling_config
 from tests.unit.test_vllm_worker import LocalGroup, fake_worker, vllm_policy_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,6 +92,35 @@ def test_zero_init_b_starts_at_the_base_model_and_the_reference_stays_there(tiny
     torch.testing.assert_close(
         reference["reference_logprobs"], expected * data["token_mask"], atol=1e-5, rtol=0
     )
+    worker.shutdown()
+
+
+def test_lora_dropout_is_kept_for_training_and_sampling_uses_the_adapters(tiny) -> None:
+    # The model's own dropout is off (as without LoRA); the adapters' is the user's choice and
+    # applies in training forwards only.
+    config = make_config(tiny[0], lora=LORA | {"dropout": 0.5}, generation=sampling_config())
+    worker = new_worker(config)
+    dropouts = {
+        name: module.p
+        for name, module in worker.model.named_modules()
+        if isinstance(module, torch.nn.Dropout)
+    }
+    assert dropouts and all(
+        p == (0.5 if ".lora_dropout." in name else 0.0) for name, p in dropouts.items()
+    )
+    data = make_batch(seed=7)
+    for _ in range(3):
+        worker.train(data, token_nll_loss, TRAIN_MBS)
+    first, second = (
+        worker.logprobs(data, LOGPROB_MBS, response_only=False)["logprobs"] for _ in range(2)
+    )
+    assert torch.equal(first, second)  # no dropout outside training
+    # Backend hf samples with the adapters on: a rollout's log-probs are the trained policy's.
+    rollout = worker.generate(prompt_batch([3, 5, 4]), step=0, greedy=False)
+    scored = worker.logprobs(rollout, LOGPROB_MBS, response_only=True)["logprobs"]
+    torch.testing.assert_close(rollout["generation_logprobs"], scored, atol=1e-5, rtol=0)
+    base = worker.reference_logprobs(rollout, LOGPROB_MBS, response_only=True)
+    assert (base["reference_logprobs"] - scored).abs().max() > 1e-2
     worker.shutdown()
 
 
@@ -224,7 +254,7 @@ def test_a_bad_lora_config_is_one_line() -> None:
         check_lora_config(config["policy"])
     assert "'lm_head' is the output layer" in one_line(error)
     config["policy"]["lora"]["target_modules"] = ["self_attn.q_proj", "mlp.up_proj"]
-    check_lora_config(config["policy"])
+    check_lora_config(config["policy"])  # dotted suffixes match, as in peft
 
     with pytest.raises(ConfigError) as error:
         check_master_config(tiny_dpo(LORA_OVERRIDE, "dpo.sync_ref_model=true"))
@@ -264,7 +294,6 @@ def test_a_few_lora_dpo_steps_on_the_embedded_default_learn() -> None:
         "cluster.gpus_per_node=1",
     )
     resolve_local_paths(config)
-    check_lora_config(config["policy"])
     tokenizer = get_tokenizer(config["policy"]["tokenizer"])
     dataset = load_preference_dataset(config["data"])
     train, val = (

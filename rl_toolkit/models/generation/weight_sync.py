@@ -2,13 +2,13 @@
 
 The policy sends what a Hugging Face checkpoint of it would hold: its state dict's names
 (``get_model_state_dict``, as checkpoints and exports), parameters and persistent buffers, each
-tied weight once, LoRA adapters merged into their layers' weights under the base model's names
-(the engine runs the plain model) (``lm_head.weight`` is left out when the embeddings are tied: the engine ties
-it again), every tensor full (unsharded) and floating-point ones in the compute dtype. The
-tensors are grouped, in state-dict order, into buckets of at most ``bucket_bytes``
-(``weight_buckets``); a bucket travels as one flat ``uint8`` buffer plus its ``BucketLayout``
-(name, shape, dtype and byte offset of each tensor), so a transport moves one buffer per bucket
-whatever the dtypes:
+tied weight once (``lm_head.weight`` is left out when the embeddings are tied: the engine ties
+it again), LoRA adapters merged into their layers' weights under the base model's names (the
+engine runs the plain model), every tensor full (unsharded) and floating-point ones in the
+compute dtype. The tensors are grouped, in state-dict order, into buckets of at most
+``bucket_bytes`` (``weight_buckets``); a bucket travels as one flat ``uint8`` buffer plus its
+``BucketLayout`` (name, shape, dtype and byte offset of each tensor), so a transport moves one
+buffer per bucket whatever the dtypes:
 
 - ``object`` (CPU, tests): policy rank 0's buffer goes to every engine worker as a Ray object.
 - ``cuda_ipc`` (engines colocated with the policy): each policy worker shares its buffer with
