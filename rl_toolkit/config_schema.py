@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 
-from annotated_types import Ge, Gt, Le
+from annotated_types import Ge, Gt, Le, Lt
 
 # pydantic (config validation) checks list[SchedulerConfig] only with typing_extensions'
 # TypedDict on Python < 3.12.
@@ -147,6 +147,26 @@ class SamplingConfig(TypedDict):
     vllm: NotRequired[VllmConfig]  # required with backend "vllm"; ignored with "hf"
 
 
+class LoraConfig(TypedDict):
+    """The `policy.lora` section: LoRA adapters (Hu et al. 2021, built by peft) on the policy,
+    which then trains the adapters only, its reference being the same model with the adapters
+    off (docs/guides/dpo.md, "LoRA"). null in policy: full fine-tuning.
+
+    rank: r, the inner dimension of each adapter: W x + (alpha / r) B A x, A [r, in], B [out, r].
+    alpha: the adapters' scale is alpha / rank.
+    dropout: dropout on each adapter's input in training forwards (0: none); log-probs for the
+        reference, validation and generation never drop anything.
+    target_modules: "all-linear" (every linear layer of the decoder, the output layer excepted)
+        or the names of the linear layers to adapt, e.g. [q_proj, v_proj]; a name matches every
+        layer whose dotted name ends with it.
+    """
+
+    rank: PositiveInt
+    alpha: PositiveInt
+    dropout: Annotated[float, Ge(0), Lt(1)]
+    target_modules: Literal["all-linear"] | list[str]
+
+
 class PolicyConfig(TypedDict):
     model_name: str  # HF hub id or local path (its config.json is always needed)
     tokenizer: TokenizerConfig
@@ -164,6 +184,7 @@ class PolicyConfig(TypedDict):
     optimizer: OptimizerConfig
     scheduler: list[SchedulerConfig]
     max_grad_norm: PositiveFloat | None  # clip the global gradient norm to this; None: no clipping
+    lora: LoraConfig | None  # LoRA adapters on the model (trained alone); None: full fine-tuning
     # Sampling settings of algorithms that generate (GRPO); absent from DPO and SFT configs.
     generation: NotRequired[SamplingConfig]
 
@@ -602,6 +623,9 @@ class CheckpointingConfig(TypedDict):
     push_to_hub: a Hub repo id ("org/name") that the final checkpoint's export is uploaded to
         (needs save_hf), or None.
     hub_private: whether push_to_hub creates the repo private (an existing repo keeps its own).
+    export_lora: with policy.lora, what the export holds: "adapter" (a PEFT adapter folder on
+        top of policy.model_name) or "merged" (the model with the adapters merged into its
+        weights); ignored without LoRA.
     """
 
     enabled: bool
@@ -615,6 +639,7 @@ class CheckpointingConfig(TypedDict):
     hf_max_shard_size: str
     push_to_hub: str | None
     hub_private: bool
+    export_lora: Literal["adapter", "merged"]
 
 
 class WandbConfig(TypedDict):
@@ -782,6 +807,12 @@ def check_master_config(config: MasterConfig) -> None:
             "dpo.sync_ref_model=true needs a reference model, but dpo.reference_free=true has "
             "none; set one of them to false"
         )
+    if config["dpo"]["sync_ref_model"] and config["policy"]["lora"] is not None:
+        raise ConfigError(
+            "dpo.sync_ref_model=true mixes the policy into the reference, but with policy.lora "
+            "the reference is the base model (the adapters off); set one of them off"
+        )
+    _check_lora_export(config)
     _check_output_dirs(config)
 
 
@@ -794,6 +825,7 @@ def check_sft_config(config: SFTMasterConfig) -> None:
     """
     _check_batch_sizes(config, "sft", config["sft"], group_size=1)
     _check_lr(config["policy"])
+    _check_lora_export(config)
     _check_output_dirs(config)
 
 
@@ -846,6 +878,7 @@ def check_grpo_config(config: GRPOMasterConfig) -> None:
         )
     check_rollout_config(config["data"], config["env"])
     _check_lr(policy)
+    _check_lora_export(config)
     _check_output_dirs(config)
 
 
@@ -924,6 +957,18 @@ def _check_lr(policy: PolicyConfig) -> None:
     lr = policy["optimizer"]["kwargs"].get("lr")  # optional: optimizers have defaults
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
         raise ConfigError(f"policy.optimizer.kwargs.lr must be a number > 0, got {lr!r}")
+
+
+def _check_lora_export(config: MasterConfig | SFTMasterConfig | GRPOMasterConfig) -> None:
+    # Whether the target modules exist needs the model: rl_toolkit.models.lora.check_lora_config.
+    policy, checkpointing = config["policy"], config["checkpointing"]
+    adapter = checkpointing["save_hf"] and checkpointing["export_lora"] == "adapter"
+    if policy["lora"] is not None and adapter and policy["random_init"]:
+        raise ConfigError(
+            "checkpointing.export_lora=adapter writes adapters on top of policy.model_name's "
+            "weights, but policy.random_init=true trains on random ones; set "
+            "checkpointing.export_lora=merged"
+        )
 
 
 def _check_output_dirs(config: MasterConfig | SFTMasterConfig | GRPOMasterConfig) -> None:
