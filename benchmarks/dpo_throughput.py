@@ -39,10 +39,10 @@ from harness import (
     MODELS,
     PAD_ID,
     REPO,
-    RL_TOOLKIT_RUN,
     SEED,
     StepClock,
     main,
+    parse_rl_toolkit_run,
     print_result,
     text,
     trl_common_args,
@@ -129,10 +129,12 @@ def run_rl_toolkit(
     pairs: list[dict[str, list[int]]],
     attn_implementation: str,
     mb_tokens: int | None,
+    lora: dict[str, Any] | None,
 ) -> list[float]:
     """Train with the plain PolicyWorker; return the wall time of every step.
 
-    ``mb_tokens`` replaces both token budgets of the preset when given.
+    ``mb_tokens`` replaces both token budgets of the preset when given; ``lora`` is
+    ``policy.lora`` (None: full fine-tuning, with a host copy of the reference weights).
     """
     from transformers import AutoTokenizer
 
@@ -155,6 +157,7 @@ def run_rl_toolkit(
         "max_total_sequence_length": args["max_length"],
         "max_grad_norm": MAX_GRAD_NORM,
         "attn_implementation": attn_implementation,
+        "lora": lora,
         "scheduler": [
             {
                 "name": "torch.optim.lr_scheduler.ConstantLR",
@@ -253,9 +256,8 @@ def child_main(framework: str, args: dict[str, Any]) -> None:
     if framework == "trl":
         times = run_trl(args, pairs)
     else:
-        attn_implementation, mb_tokens = RL_TOOLKIT_RUN.fullmatch(framework).groups()
-        mb_tokens = int(mb_tokens) if mb_tokens else None
-        times = run_rl_toolkit(args, pairs, attn_implementation or "varlen", mb_tokens)
+        attn_implementation, mb_tokens, lora = parse_rl_toolkit_run(framework)
+        times = run_rl_toolkit(args, pairs, attn_implementation, mb_tokens, lora)
     print_result(times, tokens_per_step(pairs, args["pairs_per_step"]))
 
 

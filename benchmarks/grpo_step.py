@@ -65,10 +65,10 @@ from harness import (
     MODELS,
     PAD_ID,
     REPO,
-    RL_TOOLKIT_RUN,
     SEED,
     StepClock,
     main,
+    parse_rl_toolkit_run,
     print_result,
     text,
     trl_common_args,
@@ -150,7 +150,10 @@ class InProcessReward:
 
 
 def rl_toolkit_config(
-    args: dict[str, Any], attn_implementation: str, mb_tokens: int | None
+    args: dict[str, Any],
+    attn_implementation: str,
+    mb_tokens: int | None,
+    lora: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """configs/grpo_tiny.yaml with the benchmark's model, batch, loss and sampling settings."""
     from rl_toolkit.utils.config import load_config
@@ -187,6 +190,7 @@ def rl_toolkit_config(
         "max_total_sequence_length": args["max_length"],
         "max_grad_norm": MAX_GRAD_NORM,
         "attn_implementation": attn_implementation,
+        "lora": lora,
         "scheduler": [
             {
                 "name": "torch.optim.lr_scheduler.ConstantLR",
@@ -215,9 +219,11 @@ def run_rl_toolkit(
     prompts: list[list[int]],
     attn_implementation: str,
     mb_tokens: int | None,
+    lora: dict[str, Any] | None,
 ) -> tuple[list[tuple[float, float]], list[int]]:
     """GRPO steps with the recipe's functions on the plain PolicyWorker; step times and rollout
-    tokens per step. ``mb_tokens`` replaces both token budgets of the preset when given."""
+    tokens per step. ``mb_tokens`` replaces both token budgets of the preset when given; ``lora``
+    is policy.lora."""
     from transformers import AutoTokenizer
 
     from rl_toolkit.algorithms.grpo import sample_rollout, train_on_rollout
@@ -226,7 +232,7 @@ def run_rl_toolkit(
     from rl_toolkit.models.policy.worker import PolicyWorker
     from rl_toolkit.utils.timer import Timer
 
-    cfg = rl_toolkit_config(args, attn_implementation, mb_tokens)
+    cfg = rl_toolkit_config(args, attn_implementation, mb_tokens, lora)
     tokenizer = AutoTokenizer.from_pretrained(args["model_dir"])
     worker = PolicyWorker(
         config=cfg["policy"], tokenizer=tokenizer, init_optimizer=True, init_reference_model=False
@@ -324,9 +330,8 @@ def child_main(framework: str, args: dict[str, Any]) -> None:
     if framework == "trl":
         times, tokens = run_trl(args, prompts)
     else:
-        attn_implementation, mb_tokens = RL_TOOLKIT_RUN.fullmatch(framework).groups()
-        mb_tokens = int(mb_tokens) if mb_tokens else None
-        times, tokens = run_rl_toolkit(args, prompts, attn_implementation or "varlen", mb_tokens)
+        attn_implementation, mb_tokens, lora = parse_rl_toolkit_run(framework)
+        times, tokens = run_rl_toolkit(args, prompts, attn_implementation, mb_tokens, lora)
     print_result(times, tokens)
 
 

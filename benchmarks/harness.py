@@ -50,8 +50,25 @@ MODELS: dict[str, dict[str, int]] = {
 
 SEED = 1234
 
-# A run of rl_toolkit with another attention implementation and/or token budget: rl_toolkit@sdpa:512
-RL_TOOLKIT_RUN = re.compile(r"rl_toolkit(?:@(\w+))?(?::(\d+))?")
+# A run of rl_toolkit with another attention implementation, token budget and/or LoRA adapters
+# (BENCHMARK_LORA): rl_toolkit@sdpa:512, rl_toolkit+lora
+RL_TOOLKIT_RUN = re.compile(r"rl_toolkit(?:@(\w+))?(?::(\d+))?(\+lora)?")
+# The policy.lora of a `+lora` run: the 8B LoRA recipe's adapters
+# (configs/recipes/llama3.1_8b_instruct_helpsteer3_lora_1n8g.yaml).
+BENCHMARK_LORA = {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def parse_rl_toolkit_run(framework: str) -> tuple[str, int | None, dict[str, Any] | None]:
+    """``(attn_implementation, token budget or None, policy.lora or None)`` of a run's name."""
+    match = RL_TOOLKIT_RUN.fullmatch(framework)
+    assert match is not None, f"not a run of rl_toolkit: {framework}"
+    attn_implementation, mb_tokens, lora = match.groups()
+    return (
+        attn_implementation or "varlen",
+        int(mb_tokens) if mb_tokens else None,
+        dict(BENCHMARK_LORA) if lora else None,
+    )
+
 
 # Dense bf16 peak of the GPU (no sparsity), for MFU; other GPUs need --peak-tflops.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -266,7 +283,7 @@ def main(
         child_main: `child_main(framework, args)` runs one framework and calls print_result.
         doc: the script's docstring (--help).
         trl_runs: the names of the other framework's runs the script knows, besides
-            rl_toolkit[@ATTN][:TOKENS]; the first is the baseline of the ratios.
+            rl_toolkit[@ATTN][:TOKENS][+lora]; the first is the baseline of the ratios.
         flops_per_param: FLOPs per parameter and token, for MFU (6: training, 2: generation).
     """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -288,9 +305,10 @@ def main(
     parser.add_argument(
         "--frameworks",
         default=f"rl_toolkit,{trl_runs[0]}",
-        help=f"runs of each round, in order: {', '.join(trl_runs)}, or rl_toolkit[@ATTN][:TOKENS] "
-        "with another policy.attn_implementation and/or token budget per micro-batch (e.g. "
-        "rl_toolkit@sdpa:512); rl_toolkit alone where TRL is not installed",
+        help=f"runs of each round, in order: {', '.join(trl_runs)}, or rl_toolkit[@ATTN][:TOKENS][+lora] "
+        "with another policy.attn_implementation, token budget per micro-batch and/or LoRA "
+        "adapters (e.g. rl_toolkit@sdpa:512, rl_toolkit+lora); rl_toolkit alone where TRL is "
+        "not installed",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--args", help=argparse.SUPPRESS)
@@ -304,7 +322,7 @@ def main(
         if framework not in trl_runs and not RL_TOOLKIT_RUN.fullmatch(framework):
             parser.error(
                 f"--frameworks: {framework!r} is not {' or '.join(trl_runs)} or "
-                "rl_toolkit[@ATTN][:TOKENS]"
+                "rl_toolkit[@ATTN][:TOKENS][+lora]"
             )
     preset_name = cli.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     args = dict(presets[preset_name])

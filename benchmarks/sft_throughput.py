@@ -33,10 +33,10 @@ from harness import (
     MODELS,
     PAD_ID,
     REPO,
-    RL_TOOLKIT_RUN,
     SEED,
     StepClock,
     main,
+    parse_rl_toolkit_run,
     print_result,
     text,
     trl_common_args,
@@ -103,9 +103,14 @@ def tokens_per_step(rows: list[dict], rows_per_step: int) -> list[int]:
 
 
 def run_rl_toolkit(
-    args: dict[str, Any], rows: list[dict], attn_implementation: str, mb_tokens: int | None
+    args: dict[str, Any],
+    rows: list[dict],
+    attn_implementation: str,
+    mb_tokens: int | None,
+    lora: dict[str, Any] | None,
 ) -> list[tuple[float, float]]:
-    """Train with the plain PolicyWorker and NLLLossFn; return every step's times."""
+    """Train with the plain PolicyWorker and NLLLossFn (``lora``: policy.lora); return every
+    step's times."""
     from transformers import AutoTokenizer
 
     from rl_toolkit.algorithms.loss_functions import NLLLossFn
@@ -126,6 +131,7 @@ def run_rl_toolkit(
         "max_total_sequence_length": args["max_length"],
         "max_grad_norm": MAX_GRAD_NORM,
         "attn_implementation": attn_implementation,
+        "lora": lora,
         "scheduler": [
             {
                 "name": "torch.optim.lr_scheduler.ConstantLR",
@@ -220,9 +226,8 @@ def child_main(framework: str, args: dict[str, Any]) -> None:
     if framework in TRL_RUNS:
         times = run_trl(args, rows, padding_free=framework == "trl-padding-free")
     else:
-        attn_implementation, mb_tokens = RL_TOOLKIT_RUN.fullmatch(framework).groups()
-        mb_tokens = int(mb_tokens) if mb_tokens else None
-        times = run_rl_toolkit(args, rows, attn_implementation or "varlen", mb_tokens)
+        attn_implementation, mb_tokens, lora = parse_rl_toolkit_run(framework)
+        times = run_rl_toolkit(args, rows, attn_implementation, mb_tokens, lora)
     print_result(times, tokens_per_step(rows, args["rows_per_step"]))
 
 

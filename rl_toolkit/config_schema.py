@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 
-from annotated_types import Ge, Gt, Le
+from annotated_types import Ge, Gt, Le, Lt
 
 # pydantic (config validation) checks list[SchedulerConfig] only with typing_extensions'
 # TypedDict on Python < 3.12.
@@ -147,6 +147,26 @@ class SamplingConfig(TypedDict):
     vllm: NotRequired[VllmConfig]  # required with backend "vllm"; ignored with "hf"
 
 
+class LoraConfig(TypedDict):
+    """The `policy.lora` section: LoRA adapters (Hu et al. 2021, built by peft) on the policy,
+    which then trains the adapters only, its reference being the same model with the adapters
+    off (docs/guides/dpo.md, "LoRA"). null in policy: full fine-tuning.
+
+    rank: r, the inner dimension of each adapter: W x + (alpha / r) B A x, A [r, in], B [out, r].
+    alpha: the adapters' scale is alpha / rank.
+    dropout: dropout on each adapter's input in training forwards (0: none); log-probs for the
+        reference, validation and generation never drop anything.
+    target_modules: "all-linear" (every linear layer of the decoder, the output layer excepted)
+        or the names of the linear layers to adapt, e.g. [q_proj, v_proj]; a name matches every
+        layer whose dotted name ends with it.
+    """
+
+    rank: PositiveInt
+    alpha: PositiveInt
+    dropout: Annotated[float, Ge(0), Lt(1)]
+    target_modules: Literal["all-linear"] | list[str]
+
+
 class PolicyConfig(TypedDict):
     model_name: str  # HF hub id or local path (its config.json is always needed)
     tokenizer: TokenizerConfig
@@ -164,6 +184,7 @@ class PolicyConfig(TypedDict):
     optimizer: OptimizerConfig
     scheduler: list[SchedulerConfig]
     max_grad_norm: PositiveFloat | None  # clip the global gradient norm to this; None: no clipping
+    lora: LoraConfig | None  # LoRA adapters on the model (trained alone); None: full fine-tuning
     # Sampling settings of algorithms that generate (GRPO); absent from DPO and SFT configs.
     generation: NotRequired[SamplingConfig]
 
@@ -721,6 +742,9 @@ class CheckpointingConfig(TypedDict):
     push_to_hub: a Hub repo id ("org/name") that the final checkpoint's export is uploaded to
         (needs save_hf), or None.
     hub_private: whether push_to_hub creates the repo private (an existing repo keeps its own).
+    export_lora: with policy.lora, what the export holds: "adapter" (a PEFT adapter folder on
+        top of policy.model_name) or "merged" (the model with the adapters merged into its
+        weights); ignored without LoRA.
     """
 
     enabled: bool
@@ -734,6 +758,7 @@ class CheckpointingConfig(TypedDict):
     hf_max_shard_size: str
     push_to_hub: str | None
     hub_private: bool
+    export_lora: Literal["adapter", "merged"]
 
 
 class WandbConfig(TypedDict):
@@ -815,6 +840,95 @@ class RMMasterConfig(TypedDict):
 
 
 # ---------------------------------------------------------------------------------------------
+# the engine (rl_toolkit.engine; defaults in configs/engine/*.yaml)
+
+
+class EngineModelConfig(TypedDict):
+    """One module's entry under `models` (keyed by the module's name).
+
+    num_workers: the module's data-parallel size: one worker (process) per GPU, or per CPU
+        bundle without GPUs; the module's `data_parallel_size`.
+    args: the module's own arguments (`BaseModule.model_args`), free-form.
+    """
+
+    num_workers: PositiveInt
+    args: dict[str, Any]
+
+
+class RuntimeConfig(TypedDict):
+    """The `runtime` section: the engine's schedule (ChatLearn's runtime_args).
+
+    num_episode: episodes to run; each draws `sample_per_episode` dataset items.
+    sample_per_episode: dataset items (prompts, preference pairs) per episode.
+    generation_batch_size: items per call of the environment flow (the loader's batch).
+    train_global_batch_size: rows per `train_step` call over all data-parallel ranks (rows:
+        what the flow returns, e.g. G completions per prompt, 2 sequences per pair).
+    train_micro_batch_size: rows per micro-batch dict in the list each rank's `train_step` gets.
+    num_training_epoch: passes of the trainers over an episode's samples.
+    save_episode_interval: checkpoint every this many episodes (and after the last); 0: never.
+    eval_episode_interval: evaluate every this many episodes (and after the last); 0: never.
+    eval_at_start: evaluate once before the first episode.
+    colocation: groups of module names that share the same workers' devices; a module in no
+        group gets devices of its own.
+    shuffle: reshuffle the dataset every epoch (seeded by `seed` and the epoch).
+    seed: seeds the shuffle and the driver's random generators.
+    """
+
+    num_episode: PositiveInt
+    sample_per_episode: PositiveInt
+    generation_batch_size: PositiveInt
+    train_global_batch_size: PositiveInt
+    train_micro_batch_size: PositiveInt
+    num_training_epoch: PositiveInt
+    save_episode_interval: NonNegativeInt
+    eval_episode_interval: NonNegativeInt
+    eval_at_start: bool
+    colocation: list[list[str]]
+    shuffle: bool
+    seed: int
+
+
+class EngineConfig(TypedDict):
+    """The sections the engine itself reads; the rest of an engine config (`policy`, `dpo`,
+    ...) is the modules' (`BaseModule.global_args`), checked by the modules that read it."""
+
+    runtime: RuntimeConfig
+    models: dict[str, EngineModelConfig]
+    cluster: ClusterConfig
+    checkpointing: CheckpointingConfig
+    logger: LoggerConfig
+
+
+def check_runtime_schedule(runtime: RuntimeConfig) -> None:
+    """The rules between the `runtime` keys that need no module.
+
+    Raises:
+        ConfigError: one line naming the key and what would be right.
+    """
+    episode, generation = runtime["sample_per_episode"], runtime["generation_batch_size"]
+    if episode % generation:
+        raise ConfigError(
+            f"runtime.sample_per_episode={episode} must be a multiple of "
+            f"runtime.generation_batch_size={generation} (whole flow calls per episode)"
+        )
+    gbs, mbs = runtime["train_global_batch_size"], runtime["train_micro_batch_size"]
+    if gbs % mbs:
+        raise ConfigError(
+            f"runtime.train_global_batch_size={gbs} must be a multiple of "
+            f"runtime.train_micro_batch_size={mbs}"
+        )
+    seen: dict[str, int] = {}
+    for index, group in enumerate(runtime["colocation"]):
+        for name in group:
+            if name in seen:
+                raise ConfigError(
+                    f"runtime.colocation: module {name!r} is in groups {seen[name]} and {index}; "
+                    "a module shares devices with one group at most"
+                )
+            seen[name] = index
+
+
+# ---------------------------------------------------------------------------------------------
 # Rules between keys
 
 
@@ -833,6 +947,12 @@ def check_master_config(config: MasterConfig) -> None:
             "dpo.sync_ref_model=true needs a reference model, but dpo.reference_free=true has "
             "none; set one of them to false"
         )
+    if config["dpo"]["sync_ref_model"] and config["policy"]["lora"] is not None:
+        raise ConfigError(
+            "dpo.sync_ref_model=true mixes the policy into the reference, but with policy.lora "
+            "the reference is the base model (the adapters off); set one of them off"
+        )
+    _check_lora_export(config)
     _check_output_dirs(config)
 
 
@@ -845,6 +965,7 @@ def check_sft_config(config: SFTMasterConfig) -> None:
     """
     _check_batch_sizes(config, "sft", config["sft"], group_size=1)
     _check_lr(config["policy"]["optimizer"], "policy")
+    _check_lora_export(config)
     _check_output_dirs(config)
 
 
@@ -916,6 +1037,7 @@ def _check_rl_loop(config: GRPOMasterConfig) -> None:
         )
     check_rollout_config(config["data"], config["env"])
     _check_lr(policy["optimizer"], "policy")
+    _check_lora_export(config)
     _check_output_dirs(config)
 
 
@@ -1030,6 +1152,18 @@ def _check_lr(optimizer: OptimizerConfig, section: str) -> None:
     lr = optimizer["kwargs"].get("lr")  # optional: optimizers have defaults
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
         raise ConfigError(f"{section}.optimizer.kwargs.lr must be a number > 0, got {lr!r}")
+
+
+def _check_lora_export(config: MasterConfig | SFTMasterConfig | GRPOMasterConfig) -> None:
+    # Whether the target modules exist needs the model: rl_toolkit.models.lora.check_lora_config.
+    policy, checkpointing = config["policy"], config["checkpointing"]
+    adapter = checkpointing["save_hf"] and checkpointing["export_lora"] == "adapter"
+    if policy["lora"] is not None and adapter and policy["random_init"]:
+        raise ConfigError(
+            "checkpointing.export_lora=adapter writes adapters on top of policy.model_name's "
+            "weights, but policy.random_init=true trains on random ones; set "
+            "checkpointing.export_lora=merged"
+        )
 
 
 def _check_output_dirs(

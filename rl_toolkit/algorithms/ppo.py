@@ -138,7 +138,7 @@ def setup(
     policy_config, grpo_config = master_config["policy"], master_config["grpo"]
     check_config(master_config)
     num_groups = _num_worker_groups(master_config)
-    check_cluster_fits(master_config["cluster"], policy_config, num_worker_groups=num_groups)
+    check_cluster_fits(master_config["cluster"], policy_config)
     check_cluster_fits(master_config["cluster"], master_config["critic"], section="critic")
     if master_config["reward_model"] is not None:
         check_cluster_fits(

@@ -24,6 +24,7 @@ from rl_toolkit.config_schema import (
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, check_worker_env_vars
 from rl_toolkit.models.attention import check_attn_implementation
+from rl_toolkit.models.lora import check_lora_config
 from rl_toolkit.models.optim import check_optimizer_config
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
@@ -108,13 +109,15 @@ def resume_loader_and_logger(
 
 def check_runtime_config(master_config: Mapping[str, Any]) -> None:
     """The checks every recipe shares that need torch: the attention implementation, an
-    optimizer dry run, the HF export settings and the worker environment variables.
+    optimizer dry run, LoRA's target modules against the model (built on the meta device), the
+    HF export settings and the worker environment variables.
 
     Raises:
         ConfigError: one line naming the key and what would be right.
     """
     check_attn_implementation(master_config["policy"]["attn_implementation"])
     check_optimizer_config(master_config["policy"])
+    check_lora_config(master_config["policy"])
     check_hf_export_config(master_config["checkpointing"])
     check_worker_env_vars(master_config["cluster"]["worker_env_vars"])
 
@@ -251,7 +254,10 @@ def save_policy(policy: Policy, folder: Path, config: CheckpointingConfig) -> No
     if config["save_hf"]:
         max_shard_size = parse_shard_size(config["hf_max_shard_size"])
         policy.workers.all(
-            PolicyWorker.export_hf, str(folder / "hf"), max_shard_size=max_shard_size
+            PolicyWorker.export_hf,
+            str(folder / "hf"),
+            max_shard_size=max_shard_size,
+            export_lora=config["export_lora"],
         )
 
 

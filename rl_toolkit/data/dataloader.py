@@ -1,9 +1,9 @@
 """The resumable dataloaders (preference pairs, SFT sequences, RL prompts) and their seeded,
 stateful shuffle."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -113,7 +113,7 @@ def build_dataloader(
     Returns:
         The dataloader.
     """
-    return _stateful_loader(
+    return stateful_loader(
         dataset,
         partial(
             preference_collate_fn,
@@ -155,7 +155,7 @@ def build_sft_dataloader(
     Returns:
         The dataloader.
     """
-    return _stateful_loader(
+    return stateful_loader(
         dataset,
         partial(
             sft_collate_fn,
@@ -198,7 +198,7 @@ def build_prompt_dataloader(
     Returns:
         The dataloader.
     """
-    return _stateful_loader(
+    return stateful_loader(
         dataset,
         partial(prompt_collate_fn, pad_token_id=_pad_token_id(tokenizer)),
         num_workers=data_config["num_workers"],
@@ -215,9 +215,9 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id
 
 
-def _stateful_loader(
-    dataset: PreferencePairDataset | SFTSequenceDataset | TokenizedPromptDataset,
-    collate_fn: Callable[[list[dict[str, Any]]], Any],
+def stateful_loader(
+    dataset: torch.utils.data.Dataset,
+    collate_fn: Callable[[list[dict[str, Any]]], Any] | None,
     *,
     num_workers: int,
     batch_size: int,
@@ -225,10 +225,12 @@ def _stateful_loader(
     seed: int,
     drop_last: bool,
 ) -> StatefulDataLoader:
+    """A StatefulDataLoader of any dataset with the seeded, resumable shuffle
+    (SeededShuffleSampler) and worker seeds that leave the global RNG alone."""
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=SeededShuffleSampler(len(dataset), seed) if shuffle else None,
+        sampler=SeededShuffleSampler(len(cast(Sized, dataset)), seed) if shuffle else None,
         # worker seeds are drawn from this generator rather than the global RNG
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,

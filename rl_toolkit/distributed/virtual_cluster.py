@@ -1,8 +1,8 @@
 """Ray start-up and the virtual cluster: placement groups that reserve one bundle per worker.
 
-A bundle is the slice of the cluster one worker runs in: `{"GPU": 1, "CPU": k}`, or `{"CPU": k}`
-in CPU mode, with `k = max_colocated_worker_groups` so that that many worker groups (one actor
-each) can share a bundle. The worker group (`worker_groups.py`) starts one actor per bundle and
+A bundle is the slice of the cluster one worker runs in: `{"GPU": 1, "CPU": k}` with
+`k = max_colocated_worker_groups`, so that that many worker groups (one actor each) can share a
+bundle, or `{"CPU": 1}` in CPU mode, which the colocated groups' actors share (they take turns). The worker group (`worker_groups.py`) starts one actor per bundle and
 uses `get_bundles()` to learn which node each bundle landed on.
 """
 
@@ -281,8 +281,10 @@ class RayVirtualCluster:
         bundle_ct_per_node_list: bundles (workers) per node, e.g. `[8, 8]` for two 8-GPU nodes.
         use_gpus: one GPU per bundle; falls back to CPU bundles (with a warning) when the Ray
             cluster has no GPUs.
-        max_colocated_worker_groups: worker groups that may share a bundle; each bundle gets
-            that many CPUs (one per actor) and each actor 1 / that of the bundle's GPU.
+        max_colocated_worker_groups: worker groups that may share a bundle; with GPUs each
+            bundle gets that many CPUs (one per actor) and each actor 1 / that of the bundle's
+            GPU; without, the bundle has one CPU and each actor 1 / that of it (the groups of
+            an engine take turns on it).
         num_gpus_per_node: GPUs per node; a node's bundle count may not exceed it (GPU mode).
         name: prefix of the placement group names (shows in `ray status` / `ray list`).
         placement_group_strategy: "STRICT_PACK": one placement group per node entry, its
@@ -339,10 +341,9 @@ class RayVirtualCluster:
             )
 
     def _bundle(self) -> dict[str, float]:
-        bundle = {"CPU": float(self.max_colocated_worker_groups)}
-        if self.use_gpus:
-            bundle["GPU"] = 1.0
-        return bundle
+        if not self.use_gpus:
+            return {"CPU": 1.0}
+        return {"CPU": float(self.max_colocated_worker_groups), "GPU": 1.0}
 
     def _create_placement_groups(self, ready_timeout_s: float) -> list[PlacementGroup]:
         if self.placement_group_strategy == _PER_NODE_STRATEGY:
@@ -442,7 +443,6 @@ def check_cluster_fits(
     policy: ShardedModelConfig,
     *,
     section: str = "policy",
-    num_worker_groups: int = 1,
 ) -> None:
     """The Ray cluster has the GPUs (or CPUs) the workers ask for, and the precision fits.
 
@@ -451,8 +451,6 @@ def check_cluster_fits(
     Args:
         policy: the section of the model the workers hold (the policy, a critic, ...).
         section: its name, for the errors.
-        num_worker_groups: worker groups sharing each bundle (a CPU bundle holds one CPU for
-            each: RayVirtualCluster's max_colocated_worker_groups).
 
     Raises:
         ConfigError: one line naming the cluster.* or <section>.* key and what the cluster has.
@@ -475,14 +473,9 @@ def check_cluster_fits(
                 "host memory already), but the Ray cluster has no GPU; set it to false"
             )
         num_cpus = int(total.get("CPU", 0))
-        if workers * num_worker_groups > num_cpus:
-            each = (
-                "one CPU each"
-                if num_worker_groups == 1
-                else (f"one CPU each for each of {num_worker_groups} worker groups sharing them")
-            )
+        if workers > num_cpus:  # colocated worker groups share a worker's CPU
             raise ConfigError(
-                f"{asked}, {each}, but the Ray cluster has {num_cpus} CPUs and no GPU; "
+                f"{asked}, one CPU each, but the Ray cluster has {num_cpus} CPUs and no GPU; "
                 "lower cluster.gpus_per_node"
             )
         return

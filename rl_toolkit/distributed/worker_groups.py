@@ -239,9 +239,12 @@ class RayWorkerGroup(Generic[W]):
     ) -> dict[str, Any]:
         if num_threads is not None:
             env_vars = {**env_vars, "OMP_NUM_THREADS": str(num_threads)}
+        # Colocated groups split a bundle: on GPUs each actor has a CPU of its own and a share
+        # of the GPU; on CPUs a share of the bundle's one CPU (colocated groups take turns).
+        share = 1 / cluster.max_colocated_worker_groups
         return {
-            "num_cpus": 1,
-            "num_gpus": 1 / cluster.max_colocated_worker_groups if cluster.use_gpus else 0,
+            "num_cpus": 1 if cluster.use_gpus else share,
+            "num_gpus": share if cluster.use_gpus else 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=bundle.placement_group,
                 placement_group_bundle_index=bundle.bundle_index,
@@ -282,6 +285,13 @@ class RayWorkerGroup(Generic[W]):
             The workers' return values in rank order.
         """
         return self.get_results(self.all_async(method, *args, **kwargs))
+
+    def one(
+        self, rank: int, method: Callable[Concatenate[W, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Call `method(*args, **kwargs)` on worker `rank` alone (a call that is not collective,
+        e.g. building a dataset) and return its value."""
+        return self.get_results([self._call(rank, self._method_name(method), args, kwargs)])[0]
 
     def per_rank(
         self,

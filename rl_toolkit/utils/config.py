@@ -98,7 +98,7 @@ def load_config(
     loaded = load_yaml_with_defaults(path)
     for override in overrides:
         apply_override(loaded, override)
-    values = _resolve_interpolations(loaded.values)
+    values = resolve_interpolations(loaded.values)
     if schema is not None:
         validate_config(values, schema, loaded.sources)
     return values
@@ -229,7 +229,7 @@ def apply_override(loaded: LoadedConfig, override: str) -> None:
     )
 
 
-def _resolve_interpolations(values: dict[str, Any]) -> dict[str, Any]:
+def resolve_interpolations(values: dict[str, Any]) -> dict[str, Any]:
     try:
         # A dict of str keys in, the same out (OmegaConf types it as any container).
         return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.create(values), resolve=True))

@@ -3,7 +3,8 @@
 The policy worker gathers the full state dict on rank 0 and hands it to `save_hf_model`, which
 writes what `AutoModelForCausalLM.from_pretrained` reads: `config.json`, `generation_config.json`,
 the weights as `model.safetensors` (or shards plus `model.safetensors.index.json`) and the
-tokenizer. `push_to_hub` uploads such a folder with huggingface_hub. Nothing here imports
+tokenizer. A LoRA policy may instead write its adapters alone (`save_lora_adapter`), as PEFT
+does. `push_to_hub` uploads such a folder with huggingface_hub. Nothing here imports
 torch.distributed: the driver calls `check_hf_export_config` and `push_to_hub` too.
 """
 
@@ -13,16 +14,24 @@ import copy
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import HfApi, get_token, save_torch_state_dict
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors.torch import save_file
 from torch import nn
 from transformers import GenerationConfig, PretrainedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from rl_toolkit.config_schema import CheckpointingConfig
 from rl_toolkit.utils.config import ConfigError
+
+if TYPE_CHECKING:
+    import peft  # for LoRA exports only
+
+# PEFT's file of adapter weights (peft.utils.SAFETENSORS_WEIGHTS_NAME).
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 # huggingface_hub's (and save_pretrained's) units for max_shard_size: decimal, like "5GB".
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -144,6 +153,41 @@ def save_hf_model(
     save_torch_state_dict(
         weights, path, max_shard_size=max_shard_size if max_shard_size is not None else _ONE_FILE
     )
+    tokenizer.save_pretrained(path)
+
+
+def save_lora_adapter(
+    path: str | Path,
+    *,
+    adapter_state: dict[str, torch.Tensor],
+    lora_config: peft.PeftConfig,
+    base_model: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+) -> None:
+    """Write a PEFT adapter folder: what ``PeftModel.from_pretrained(base, path)`` and
+    transformers' ``AutoModelForCausalLM.from_pretrained(path)`` (base and adapters) load.
+
+    Args:
+        path: output folder (created).
+        adapter_state: the full adapter weights under transformers' adapter names
+            (``model.layers.0.self_attn.q_proj.lora_A.weight``, ``get_adapter_state_dict``).
+        lora_config: peft's config of the adapters.
+        base_model: the hub id or folder of the base model, written into adapter_config.json.
+        tokenizer: saved with ``save_pretrained``.
+        dtype: the dtype of the saved weights.
+    """
+    os.makedirs(path, exist_ok=True)
+    config = copy.deepcopy(lora_config)
+    config.base_model_name_or_path = base_model
+    config.inference_mode = True  # as PeftModel.save_pretrained writes it
+    config.save_pretrained(str(path))
+    # PEFT's own file names each weight as its PeftModel does: under base_model.model.
+    weights = {
+        f"base_model.model.{name}": _own_storage(tensor.to(dtype))
+        for name, tensor in adapter_state.items()
+    }
+    save_file(weights, os.path.join(path, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
     tokenizer.save_pretrained(path)
 
 

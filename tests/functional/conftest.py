@@ -1,4 +1,4 @@
-"""Fixtures of the functional tests: a private Ray head the runs of a module attach to."""
+"""Fixtures of the functional tests: a private Ray head the runs attach to."""
 
 import os
 import shutil
@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_head():
-    """A `ray start --head` with 4 CPUs in a private temp dir; yields the runs' environment."""
+    """A `ray start --head` with 4 CPUs in a private temp dir; yields the runs' environment.
+
+    One for the whole session (in each test process), as a cluster outlives its jobs: a head
+    takes 10 to 20 s of a loaded 2-core machine to start, and each run ends its own workers.
+    """
     tmp_dir = tempfile.mkdtemp(prefix="rlt-fn-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # A private head on loopback for this module only: no token, so that no other head on the
+    # A private head on loopback for these tests only: no token, so that no other head on the
     # machine (they share ~/.ray/auth_token) can get in the way.
     env.update(RAY_TMPDIR=tmp_dir, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     ray = Path(sys.executable).parent / "ray"

@@ -1,6 +1,6 @@
 """examples/run_dpo.py end to end on the embedded tiny model, two CPU workers.
 
-The runs attach to one Ray head started for this module (`ray_head`, conftest.py), as on a
+The runs attach to one Ray head started for the test session (`ray_head`, conftest.py), as on a
 cluster, so each pays for its own workers but not for a Ray start. Every assertion reads what a
 user would: the exit status, the console, metrics.jsonl and the checkpoint folders.
 """

@@ -1,6 +1,6 @@
 """examples/run_grpo.py end to end: the embedded default on two CPU workers, as a user runs it.
 
-The runs attach to one Ray head started for this module (`ray_head`, conftest.py). Every
+The runs attach to one Ray head started for the test session (`ray_head`, conftest.py). Every
 assertion reads what a user would: the exit status, the console, metrics.jsonl, samples.jsonl
 and the checkpoint folders.
 """

@@ -64,6 +64,7 @@ def make_config(model_dir: Path, **overrides: Any) -> PolicyConfig:
         "optimizer": {"name": "torch.optim.AdamW", "kwargs": {"lr": 1.0e-2, "weight_decay": 0.0}},
         "scheduler": [{"name": "torch.optim.lr_scheduler.ConstantLR", "kwargs": {"factor": 1.0}}],
         "max_grad_norm": 1.0,
+        "lora": None,
     }
     config = copy.deepcopy(config)
     config.update(overrides)

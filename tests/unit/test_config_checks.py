@@ -203,16 +203,6 @@ def test_cluster_too_small_is_one_line_before_any_worker(
     virtual_cluster.check_cluster_fits(config["cluster"], config["policy"])
 
 
-def test_colocated_cpu_workers_need_a_cpu_each(monkeypatch: pytest.MonkeyPatch) -> None:
-    # PPO's policy and critic share each bundle: 2 workers x 2 groups.
-    config = tiny()
-    monkeypatch.setattr(virtual_cluster, "ray", FakeRay([], 3))
-    with pytest.raises(ConfigError, match="one CPU each for each of 2 worker groups sharing"):
-        virtual_cluster.check_cluster_fits(config["cluster"], config["policy"], num_worker_groups=2)
-    monkeypatch.setattr(virtual_cluster, "ray", FakeRay([], 4))
-    virtual_cluster.check_cluster_fits(config["cluster"], config["policy"], num_worker_groups=2)
-
-
 def run_script(code: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],

@@ -70,7 +70,7 @@ class FakePolicy:
         Path(weights_path).mkdir(parents=True)
         (Path(weights_path) / "steps.json").write_text(json.dumps(self.steps))
 
-    def export_hf(self, path, max_shard_size=None):
+    def export_hf(self, path, max_shard_size=None, export_lora="adapter"):
         self.calls.append(("export", (self.steps, max_shard_size)))
         Path(path).mkdir(parents=True)
         (Path(path) / "steps.json").write_text(json.dumps(self.steps))

@@ -79,6 +79,7 @@ def build_sharded_model(
     mesh: DeviceMesh,
     device: torch.device,
     options: FSDPOptions,
+    adapt: Callable[[PreTrainedModel], None] | None,
 ) -> tuple[RootT, PreTrainedModel]:
     """The role's root module, sharded over ``mesh`` and filled with the initial weights.
 
@@ -89,6 +90,10 @@ def build_sharded_model(
         mesh: the device mesh (``dp_shard``).
         device: this rank's device.
         options: dtype, offload, resharding, activation checkpointing.
+        adapt: changes the Hugging Face model in place before it is sharded (e.g. adds LoRA
+            adapters, whose parameters are then sharded with their layers); applied to rank 0's
+            initial model too, after seeding torch with ``source.seed``, so that every rank
+            gets rank 0's initial values of what it adds. None: nothing.
 
     Returns:
         (root, hf_model): the sharded root and the Hugging Face model inside it, whose state
@@ -99,6 +104,8 @@ def build_sharded_model(
             weights (the same error on every rank).
     """
     hf_model = _meta_model(source)
+    if adapt is not None:
+        adapt(hf_model)
     if options.activation_checkpointing:
         apply_activation_checkpointing(hf_model)
     root = wrap(hf_model)
@@ -113,7 +120,7 @@ def build_sharded_model(
         reshard_after_forward=options.reshard_after_forward,
     )
     root.to_empty(device="cpu" if options.offload else device)
-    full = _initial_model_on_rank0(source)
+    full = _initial_model_on_rank0(source, adapt)
     state_options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(
         hf_model, full.state_dict() if full is not None else {}, options=state_options
@@ -151,7 +158,9 @@ def _meta_model(source: ModelSource) -> PreTrainedModel:
         ) from exc
 
 
-def _initial_model_on_rank0(source: ModelSource) -> PreTrainedModel | None:
+def _initial_model_on_rank0(
+    source: ModelSource, adapt: Callable[[PreTrainedModel], None] | None
+) -> PreTrainedModel | None:
     """The full initial model in host memory on rank 0 (None elsewhere); errors reach all ranks."""
     model, error = None, None
     if dist.get_rank() == 0:
@@ -159,6 +168,9 @@ def _initial_model_on_rank0(source: ModelSource) -> PreTrainedModel | None:
             model = _load_initial_model(source)
         except (OSError, ValueError) as exc:
             error = str(exc)
+        if model is not None and adapt is not None:
+            torch.manual_seed(source.seed)
+            adapt(model)
     errors = [error]
     dist.broadcast_object_list(errors, src=0)
     if errors[0] is not None:

@@ -3,11 +3,12 @@
 The policy sends what a Hugging Face checkpoint of it would hold: its state dict's names
 (``get_model_state_dict``, as checkpoints and exports), parameters and persistent buffers, each
 tied weight once (``lm_head.weight`` is left out when the embeddings are tied: the engine ties
-it again), every tensor full (unsharded) and floating-point ones in the compute dtype. The
-tensors are grouped, in state-dict order, into buckets of at most ``bucket_bytes``
-(``weight_buckets``); a bucket travels as one flat ``uint8`` buffer plus its ``BucketLayout``
-(name, shape, dtype and byte offset of each tensor), so a transport moves one buffer per bucket
-whatever the dtypes:
+it again), LoRA adapters merged into their layers' weights under the base model's names (the
+engine runs the plain model), every tensor full (unsharded) and floating-point ones in the
+compute dtype. The tensors are grouped, in state-dict order, into buckets of at most
+``bucket_bytes`` (``weight_buckets``); a bucket travels as one flat ``uint8`` buffer plus its
+``BucketLayout`` (name, shape, dtype and byte offset of each tensor), so a transport moves one
+buffer per bucket whatever the dtypes:
 
 - ``object`` (CPU, tests): policy rank 0's buffer goes to every engine worker as a Ray object.
 - ``cuda_ipc`` (engines colocated with the policy): each policy worker shares its buffer with
@@ -29,6 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from rl_toolkit.models.lora import LoraWeight, lora_scalings, merge_lora
 from rl_toolkit.utils.hf_export import tied_parameter_names
 
 # Every tensor of a bucket starts at a multiple of this many bytes, so that its view of the flat
@@ -117,21 +119,28 @@ def unpack_bucket(layout: BucketLayout, buffer: torch.Tensor) -> list[tuple[str,
 # The policy side
 
 
-def refit_state_dict(hf_model: nn.Module) -> dict[str, torch.Tensor]:
+# What a refit sends of one name: a tensor (a DTensor shard or a plain buffer) or an adapted
+# layer's weight that merges when gathered.
+RefitTensor = torch.Tensor | LoraWeight
+
+
+def refit_state_dict(hf_model: nn.Module) -> dict[str, RefitTensor]:
     """The tensors a refit sends, by Hugging Face name, as this rank holds them (DTensor shards
-    for FSDP2 parameters, plain tensors for buffers): the state dict without tied duplicates."""
+    for FSDP2 parameters, plain tensors for buffers, ``LoraWeight`` for LoRA layers): the state
+    dict of the plain model, without tied duplicates."""
     tied = set(tied_parameter_names(hf_model))
     state = cast(dict[str, torch.Tensor], get_model_state_dict(hf_model))  # a model's: tensors
-    return {name: value for name, value in state.items() if name not in tied}
+    merged = merge_lora(state, lora_scalings(hf_model))
+    return {name: value for name, value in merged.items() if name not in tied}
 
 
-def refit_dtype(tensor: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+def refit_dtype(tensor: RefitTensor, compute_dtype: torch.dtype) -> torch.dtype:
     """Floating-point tensors go in the compute dtype (the engine's); others keep their own."""
     return compute_dtype if tensor.is_floating_point() else tensor.dtype
 
 
 def plan_refit(
-    state: dict[str, torch.Tensor], compute_dtype: torch.dtype, bucket_bytes: int
+    state: dict[str, RefitTensor], compute_dtype: torch.dtype, bucket_bytes: int
 ) -> list[BucketLayout]:
     """The buckets of a refit of ``state`` (``refit_state_dict``); no collective, no copy."""
     meta = (
@@ -142,7 +151,7 @@ def plan_refit(
 
 
 def gather_bucket(
-    state: dict[str, torch.Tensor], layout: BucketLayout, device: torch.device
+    state: dict[str, RefitTensor], layout: BucketLayout, device: torch.device
 ) -> torch.Tensor:
     """The flat buffer of one bucket on ``device``, full tensors in their refit dtype.
 
@@ -152,7 +161,7 @@ def gather_bucket(
     buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
     for spec in layout.tensors:
         value = state[spec.name]
-        full = value.full_tensor() if isinstance(value, DTensor) else value
+        full = value.full_tensor() if isinstance(value, DTensor | LoraWeight) else value
         tensor_view(buffer, spec).copy_(full)  # casts to the refit dtype, moves to `device`
     return buffer
 

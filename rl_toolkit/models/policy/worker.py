@@ -11,7 +11,9 @@ each worker cuts its shard into micro-batches (``MicroBatches``) and passes it i
 """
 
 import os
-from typing import Any
+from contextlib import AbstractContextManager
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -41,15 +43,18 @@ from rl_toolkit.models.generation.sampling import row_seed, sampling_uniforms
 from rl_toolkit.models.generation.weight_sync import (
     BucketLayout,
     CudaIpcHandle,
+    RefitTensor,
     gather_bucket,
     plan_refit,
     refit_state_dict,
     share_cuda_buffer,
 )
+from rl_toolkit.models.lora import adapters_disabled, add_lora
 from rl_toolkit.models.optim import build_optimizer, build_scheduler
 from rl_toolkit.models.policy.logprobs import LogprobModel, TokenOutputs
 from rl_toolkit.models.policy.reference import ReferenceWeights
 from rl_toolkit.models.role_config import check_gpu_options, fsdp_options, model_source
+from rl_toolkit.utils.hf import looks_local
 
 # The policy's losses (LossFn) are called as
 # loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks); micro_batch is a
@@ -65,12 +70,16 @@ _REFERENCE_DIR = "reference"  # sub-directory of a weights checkpoint holding a 
 class PolicyWorker:
     """One policy worker: model shard, optimizer, scheduler and reference weights.
 
+    With ``policy.lora`` the model carries LoRA adapters (rl_toolkit/models/lora.py), which are
+    all the optimizer trains; the reference is the same model with the adapters off, so no
+    reference copy is kept.
+
     Args:
         config: the ``policy`` section of the config.
         tokenizer: the tokenizer, saved next to checkpoints and HF exports.
         init_optimizer: build the optimizer and scheduler (False for inference only).
         init_reference_model: keep a host-memory copy of the initial weights for reference
-            log-probs.
+            log-probs (nothing to keep with LoRA: the reference is the base model).
         weights_path: a checkpoint written by ``save_checkpoint`` to resume the weights from.
         optimizer_path: a checkpoint written by ``save_checkpoint`` to resume the optimizer and
             scheduler from.
@@ -91,6 +100,7 @@ class PolicyWorker:
         check_gpu_options(config, "policy")
         self.device = init_distributed()
         self.hf_config = AutoConfig.from_pretrained(config["model_name"])
+        self.lora = config["lora"]
         source = model_source(
             config,
             without_dropout(self.hf_config),
@@ -105,17 +115,22 @@ class PolicyWorker:
             mesh=build_mesh(self.device),
             device=self.device,
             options=fsdp_options(config),
+            adapt=None if self.lora is None else partial(add_lora, config=self.lora),
         )
-        for module in self.model.modules():  # no dropout anywhere (without_dropout: the config)
-            if isinstance(module, nn.Dropout):
+        for name, module in self.model.named_modules():
+            # No dropout in the model (without_dropout: the config); LoRA's is the user's choice.
+            if isinstance(module, nn.Dropout) and ".lora_dropout." not in name:
                 module.p = 0.0
-        self.reference = ReferenceWeights(self.model) if init_reference_model else None
+        self.reference = None
+        if init_reference_model and self.lora is None:
+            self.reference = ReferenceWeights(self.model)
         self.optimizer, self.scheduler = None, None
         if init_optimizer:
-            self.optimizer = build_optimizer(self.model.parameters(), config["optimizer"])
+            trained = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: adapters
+            self.optimizer = build_optimizer(trained, config["optimizer"])
             self.scheduler = build_scheduler(self.optimizer, config["scheduler"])
         # A weight refit in progress (a separate generation engine; refit_layouts below).
-        self._refit_state: dict[str, torch.Tensor] | None = None
+        self._refit_state: dict[str, RefitTensor] | None = None
         self._shared_bucket: torch.Tensor | None = None
         self._refit_group: Any = None  # the NCCL group with a separate engine (rank 0 only)
         # Optimizer state moved to host memory for a colocated engine: (state, key, device).
@@ -151,10 +166,16 @@ class PolicyWorker:
         self, data: BatchedDataDict, micro_batches: MicroBatches, *, response_only: bool
     ) -> BatchedDataDict:
         """Like ``logprobs``, with the reference weights: ``{"reference_logprobs": [N, T]}``."""
-        assert self.reference is not None, "built with init_reference_model=False"
-        with self.reference.in_model(self.model):
+        with self._reference_weights():
             logprobs = self._inference_logprobs(data, micro_batches, response_only)
         return BatchedDataDict({"reference_logprobs": logprobs}, group_size=data.group_size)
+
+    def _reference_weights(self) -> AbstractContextManager[None]:
+        """Inside the block the model computes the reference policy."""
+        if self.lora is not None:
+            return adapters_disabled(self.hf_model)
+        assert self.reference is not None, "built with init_reference_model=False"
+        return self.reference.in_model(self.model)
 
     def _inference_logprobs(
         self, data: BatchedDataDict, micro_batches: MicroBatches, response_only: bool
@@ -407,7 +428,8 @@ class PolicyWorker:
             mixup_alpha: weight of the current policy, in ``[0, 1]`` (the config checks it).
         """
         assert 0.0 <= mixup_alpha <= 1.0, f"mixup_alpha={mixup_alpha}"
-        assert self.reference is not None, "built with init_reference_model=False"
+        # With LoRA the reference is the base model, which the config keeps unsynced.
+        assert self.reference is not None, "built with init_reference_model=False or LoRA"
         self.reference.mix_in(self.model, mixup_alpha)
 
     # ----- checkpoints -----
@@ -421,8 +443,9 @@ class PolicyWorker:
         """Save a sharded checkpoint, loadable by any number of workers.
 
         Args:
-            weights_path: directory for the policy weights (torch.distributed.checkpoint), plus
-                a ``reference/`` sub-directory once ``update_reference_model`` has moved the
+            weights_path: directory for the policy weights (torch.distributed.checkpoint; with
+                LoRA the adapters alone, the base model being the initial weights), plus a
+                ``reference/`` sub-directory once ``update_reference_model`` has moved the
                 reference away from the initial weights.
             optimizer_path: directory for the optimizer state and the scheduler.
             tokenizer_path: directory for the tokenizer (``save_pretrained``).
@@ -446,7 +469,13 @@ class PolicyWorker:
         if self.reference is not None and os.path.isdir(reference_path):
             self.reference.load(self.model, reference_path)
 
-    def export_hf(self, path: str, *, max_shard_size: int | None = None) -> None:
+    def export_hf(
+        self,
+        path: str,
+        *,
+        max_shard_size: int | None = None,
+        export_lora: Literal["adapter", "merged"] = "merged",
+    ) -> None:
         """Write a Hugging Face model directory that ``from_pretrained`` loads.
 
         The weights are in the compute dtype (``policy.precision``), tied weights stored once.
@@ -455,14 +484,28 @@ class PolicyWorker:
             path: output directory (rank 0 writes it).
             max_shard_size: the largest weights file in bytes, above which the weights are
                 sharded; None writes one file.
+            export_lora: with LoRA, "merged" writes the model with the adapters merged into its
+                weights, "adapter" a PEFT adapter directory over ``policy.model_name``
+                (``checkpointing.export_lora``); ignored without LoRA.
         """
+        dtype = PRECISIONS[self.cfg["precision"]]
+        if self.lora is not None and export_lora == "adapter":
+            model_name = self.cfg["model_name"]
+            checkpoint.export_lora_adapter(
+                self.hf_model,
+                path,
+                base_model=os.path.abspath(model_name) if looks_local(model_name) else model_name,
+                tokenizer=self.tokenizer,
+                dtype=dtype,
+            )
+            return
         checkpoint.export_hf(
             self.hf_model,
             path,
             model_name=self.cfg["model_name"],
             hf_config=self.hf_config,
             tokenizer=self.tokenizer,
-            dtype=PRECISIONS[self.cfg["precision"]],
+            dtype=dtype,
             max_shard_size=max_shard_size,
         )
 

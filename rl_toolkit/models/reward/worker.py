@@ -44,6 +44,7 @@ class RewardModelWorker:
             mesh=build_mesh(self.device),
             device=self.device,
             options=fsdp_options(config),
+            adapt=None,
         )
         for module in self.model.modules():
             if isinstance(module, nn.Dropout):

@@ -74,6 +74,7 @@ class ValueWorker:
             mesh=build_mesh(self.device),
             device=self.device,
             options=fsdp_options(config),
+            adapt=None,
         )
         self.hf_config = exported_config(hf_config, self.hf_model)
         for module in self.model.modules():  # no dropout anywhere (scalar_head_config: the config)
