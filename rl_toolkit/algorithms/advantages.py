@@ -185,29 +185,60 @@ def gae(
     return advantages.to(values.dtype), returns.to(values.dtype)
 
 
-def masked_whiten(values: Tensor, mask: Tensor, *, eps: float = 1e-8) -> Tensor:
+# Sums [k] float64 moments over the shards of a batch (an all-reduce across the ranks holding
+# them); None: the tensors given are the whole batch.
+MomentsReduce = Callable[[Tensor], Tensor] | None
+
+
+def masked_moments(values: Tensor, mask: Tensor) -> Tensor:
+    """`[3]` float64: the count, sum and sum of squares of the masked entries. Moments of shards
+    add up to the batch's, so statistics over a batch split over workers need one all-reduce."""
+    selected = values[mask > 0].double()
+    count = torch.tensor(float(selected.numel()), dtype=torch.float64)
+    return torch.stack([count, selected.sum(), selected.square().sum()])
+
+
+def _mean_variance(moments: Tensor, *, unbiased: bool) -> tuple[float, float]:
+    count, total, squares = moments.tolist()
+    mean = total / count
+    variance = max(squares - total * mean, 0.0) / (count - 1 if unbiased else count)
+    return mean, variance
+
+
+def masked_whiten(
+    values: Tensor, mask: Tensor, *, eps: float = 1e-8, reduce: MomentsReduce = None
+) -> Tensor:
     """(x - mean) / (std + eps) over the masked entries (unbiased std), 0 elsewhere.
 
-    PPO's advantage normalisation over the whole batch (computed on the driver, so it does not
-    depend on how the batch is later split over workers).
+    PPO's advantage normalisation over the whole batch: computed on the driver, or on shards
+    whose moments `reduce` sums, so it does not depend on how the batch is split over workers.
     """
-    valid = mask > 0
-    selected = values[valid].double()
-    if selected.numel() < 2:
+    moments = masked_moments(values, mask)
+    if reduce is not None:
+        moments = reduce(moments)
+    if moments[0] < 2:
         return torch.zeros_like(values)
-    whitened = (values.double() - selected.mean()) / (selected.std() + eps)
-    return (whitened * valid).to(values.dtype)
+    mean, variance = _mean_variance(moments, unbiased=True)
+    whitened = (values.double() - mean) / (variance**0.5 + eps)
+    return (whitened * (mask > 0)).to(values.dtype)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+def explained_variance(
+    values: Tensor, returns: Tensor, mask: Tensor, *, reduce: MomentsReduce = None
+) -> float:
     """1 - Var(G - V) / Var(G) over the masked entries: how much of the returns' variance the
-    critic's values account for (1: all; 0: no better than a constant; < 0: worse).
+    critic's values account for (1: all; 0: no better than a constant; < 0: worse). `reduce`
+    sums the moments over shards, as for masked_whiten.
 
     NaN when the returns do not vary.
     """
-    valid = mask > 0
-    target, residual = returns[valid].double(), (returns - values)[valid].double()
-    variance = target.var(unbiased=False)
-    if target.numel() == 0 or variance == 0:
+    moments = torch.cat([masked_moments(returns, mask), masked_moments(returns - values, mask)])
+    if reduce is not None:
+        moments = reduce(moments)
+    if moments[0] == 0:
         return float("nan")
-    return float(1.0 - residual.var(unbiased=False) / variance)
+    _, variance = _mean_variance(moments[:3], unbiased=False)
+    _, residual = _mean_variance(moments[3:], unbiased=False)
+    if variance == 0:
+        return float("nan")
+    return 1.0 - residual / variance

@@ -75,7 +75,7 @@ from rl_toolkit.utils.timer import Timer
 MasterConfig = GRPOMasterConfig  # NeMo RL's name for it in this module
 
 # The keys a training step sends to the workers (the rollout's lists stay on the driver).
-_TRAIN_KEYS = (
+TRAIN_KEYS = (
     "input_ids", "input_lengths", "token_mask", "sample_mask", "advantages",
     "generation_logprobs", "reference_policy_logprobs", "prev_logprobs",
 )  # fmt: skip
@@ -346,7 +346,7 @@ def optimize_policy(
             logprobs = policy.logprobs(rollout, logprob_mbs)["logprobs"]
             rollout["prev_logprobs"] = logprobs * rollout["token_mask"]
     batch: BatchedDataDict = BatchedDataDict(
-        {key: rollout[key] for key in _TRAIN_KEYS if key in rollout},
+        {key: rollout[key] for key in TRAIN_KEYS if key in rollout},
         group_size=rollout.group_size,
     )
     train_mbs = micro_batches(policy_config["micro_batch"], "train")

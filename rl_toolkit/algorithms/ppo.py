@@ -37,6 +37,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from rl_toolkit.algorithms.advantages import (
+    MomentsReduce,
     explained_variance,
     gae,
     masked_whiten,
@@ -94,7 +95,7 @@ PPOSaveState = GRPOSaveState  # the same loop, so the same place in it
 # The counts of a step's rows and tokens (summed over its optimizer steps).
 _COUNTS = ("global_num_tokens", "num_valid_samples")
 # The keys a critic step sends to the workers.
-_CRITIC_KEYS = ("input_ids", "input_lengths", "token_mask", "sample_mask", "values", "returns")
+CRITIC_KEYS = ("input_ids", "input_lengths", "token_mask", "sample_mask", "values", "returns")
 
 
 def _default_ppo_save_state() -> PPOSaveState:
@@ -237,7 +238,7 @@ def check_config(master_config: MasterConfig) -> None:
 
 
 def compute_advantages(
-    rollout: BatchedDataDict, master_config: MasterConfig
+    rollout: BatchedDataDict, master_config: MasterConfig, *, reduce: MomentsReduce = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`[N, T]` GAE advantages (whitened when `ppo.whiten_advantages`) and returns of a rollout
     with its `rewards` and the critic's `values` (and `reference_policy_logprobs` for a KL in
@@ -245,7 +246,9 @@ def compute_advantages(
 
     The per-token reward is the completion's reward at its last token, minus
     `loss_fn.reference_policy_kl_penalty` times the KL estimate of every token when
-    `loss_fn.kl_in_reward` (else the KL is a term of the policy loss).
+    `loss_fn.kl_in_reward` (else the KL is a term of the policy loss). Everything but the
+    whitening is per row; `reduce` sums the whitening's moments when `rollout` is one shard of
+    the batch (the engine's reward module).
     """
     loss_config, ppo_config = master_config["loss_fn"], master_config["ppo"]
     beta = loss_config["reference_policy_kl_penalty"]
@@ -266,7 +269,8 @@ def compute_advantages(
         lam=ppo_config["gae_lambda"],
     )
     if ppo_config["whiten_advantages"]:
-        advantages = masked_whiten(advantages, mask * rollout["sample_mask"][:, None])
+        valid = mask * rollout["sample_mask"][:, None]
+        advantages = masked_whiten(advantages, valid, reduce=reduce)
     return advantages, returns
 
 
@@ -299,7 +303,7 @@ def train_on_rollout(
     variance_explained = explained_variance(rollout["values"], rollout["returns"], valid)
 
     batch: BatchedDataDict = BatchedDataDict(
-        {key: rollout[key] for key in _CRITIC_KEYS}, group_size=rollout.group_size
+        {key: rollout[key] for key in CRITIC_KEYS}, group_size=rollout.group_size
     )
     critic_metrics = _optimize_critic(critic, batch, value_loss_fn, master_config, timer)
     metrics = {f"critic/{key}": value for key, value in critic_metrics.items()}
@@ -331,6 +335,12 @@ def _optimize_critic(
             for _ in range(epochs)
             for start in range(0, batch.size, gbs)
         ]
+    return merge_critic_steps(steps, epochs)
+
+
+def merge_critic_steps(steps: list[dict[str, float]], epochs: int) -> dict[str, float]:
+    """The metrics of `epochs` passes of critic optimizer steps over a batch: averaged over the
+    steps, the counts (rows, tokens) those of one pass."""
     metrics = merge_optimizer_steps(steps)
     return metrics | {key: metrics[key] / epochs for key in _COUNTS}
 

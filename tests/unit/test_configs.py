@@ -87,7 +87,7 @@ def test_8b_recipe_is_four_nodes() -> None:
     assert config["policy"]["tokenizer"]["name"] == "meta-llama/Llama-3.1-8B-Instruct"
 
 
-@pytest.mark.parametrize("name", ["engine_dpo.yaml", "engine_grpo.yaml"])
+@pytest.mark.parametrize("name", ["engine_dpo.yaml", "engine_grpo.yaml", "engine_rlhf.yaml"])
 def test_the_engine_configs_pass_the_engine_and_built_in_checks(name: str) -> None:
     from rl_toolkit.config_schema import EngineConfig, check_runtime_schedule, resolve_local_paths
     from rl_toolkit.engine.builtin import check_builtin_config

@@ -156,7 +156,7 @@ class FakeCritic:
         return {"values": self.values}
 
     def train(self, data, loss_fn, micro_batches):
-        assert isinstance(loss_fn, ValueLossFn) and set(data) == set(ppo._CRITIC_KEYS)
+        assert isinstance(loss_fn, ValueLossFn) and set(data) == set(ppo.CRITIC_KEYS)
         self.steps.append(data.size)
         tokens = float((data["token_mask"] * data["sample_mask"][:, None]).sum())
         return {"loss": 0.5, "global_num_tokens": tokens, "num_valid_samples": 2.0, "lr": 1.0}

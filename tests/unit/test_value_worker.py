@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
 from rl_toolkit.algorithms.loss_functions import BradleyTerryLossFn, ValueLossFn
-from rl_toolkit.config_schema import CriticConfig, MicroBatches, RewardModelConfig
+from rl_toolkit.config_schema import CriticConfig, MicroBatches
 from rl_toolkit.data.tokenization import tokenize_prompt, tokenize_response
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.models.reward.reward_model import reward_model_batch, reward_model_input
@@ -19,7 +19,13 @@ from rl_toolkit.models.reward.worker import RewardModelWorker
 from rl_toolkit.models.value.worker import ValueWorker
 from rl_toolkit.utils.config import ConfigError
 from rl_toolkit.utils.hf import check_reward_model
-from tests.unit.policy_testing import PAD_ID, make_batch, make_config, make_tokenizer
+from tests.unit.policy_testing import (
+    PAD_ID,
+    make_batch,
+    make_config,
+    make_tokenizer,
+    reward_config,
+)
 
 PADDED = MicroBatches(packed=False, size=4)
 PACKED = MicroBatches(packed=True, size=40)
@@ -29,18 +35,6 @@ def critic_config(model_dir: Path, **overrides) -> CriticConfig:
     policy = make_config(model_dir)
     keys = CriticConfig.__annotations__
     return copy.deepcopy({k: v for k, v in policy.items() if k in keys} | overrides)
-
-
-def reward_config(model_dir: Path) -> RewardModelConfig:
-    return {
-        "model_name": str(model_dir),
-        "tokenizer": {"name": str(model_dir), "chat_template": None},
-        "precision": "float32",
-        "micro_batch": {"unit": "tokens", "size": 40},
-        "max_total_sequence_length": 32,
-        "attn_implementation": "varlen",
-        "fsdp": {"activation_checkpointing": False, "cpu_offload": False, "reshard_after_forward": True},
-    }  # fmt: skip
 
 
 def new_critic(model_dir: Path, **kwargs) -> ValueWorker:
@@ -63,17 +57,6 @@ def hf_head_outputs(model: torch.nn.Module, data: BatchedDataDict) -> torch.Tens
 def exported(worker: ValueWorker, path: Path) -> LlamaForSequenceClassification:
     worker.export_hf(str(path))
     return AutoModelForSequenceClassification.from_pretrained(path).eval()
-
-
-@pytest.fixture(scope="module")
-def reward_checkpoint(tiny, tmp_path_factory) -> Path:
-    """A reward model saved by Hugging Face: the tiny policy's backbone and a random head."""
-    path = tmp_path_factory.mktemp("reward_model")
-    torch.manual_seed(3)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny[0], num_labels=1)
-    model.save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_values_are_the_head_on_the_state_before_each_response_token(tiny, tmp_path) -> None:

@@ -50,10 +50,7 @@ class RewardModel:
     ) -> None:
         self.tokenizer = get_tokenizer(config["tokenizer"], section="reward_model")
         self.max_total_sequence_length = config["max_total_sequence_length"]
-        micro_batch = config["micro_batch"]
-        self.micro_batches = MicroBatches(
-            packed=micro_batch["unit"] == "tokens", size=micro_batch["size"]
-        )
+        self.micro_batches = reward_micro_batches(config)
         self.workers: RayWorkerGroup[RewardModelWorker] = RayWorkerGroup(
             cluster,
             RewardModelWorker,
@@ -85,6 +82,12 @@ class RewardModel:
                 self.workers.all(RewardModelWorker.shutdown)
         finally:
             self.workers.shutdown()
+
+
+def reward_micro_batches(config: RewardModelConfig) -> MicroBatches:
+    """How each worker cuts its share of the sequences to score (`reward_model.micro_batch`)."""
+    micro_batch = config["micro_batch"]
+    return MicroBatches(packed=micro_batch["unit"] == "tokens", size=micro_batch["size"])
 
 
 def reward_model_input(
