@@ -3,7 +3,7 @@
     setup()                      logger, checkpoints (and the state to resume from), prompt
                                  loaders, cluster, policy (with a reference model when the loss
                                  has a KL term), loss
-    grpo_train()                 [sft warm-up] -> for each step:
+    grpo_train()                 rl_loop(): [sft warm-up] -> for each step:
         sample_rollout()             prompts -> G completions each (policy_generation.generate)
                                      -> rewards (environment.score); dynamic sampling refills
                                      zero-variance groups; overlong filtering
@@ -28,6 +28,7 @@ The names and signatures follow NeMo RL's `nemo_rl.algorithms.grpo`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import torch
@@ -505,8 +506,43 @@ def grpo_train(
 
     Returns the final save state.
     """
+
+    def train_step(rollout: BatchedDataDict, timer: Timer) -> tuple[dict[str, float], bool]:
+        return train_on_rollout(policy, rollout, loss_fn, master_config, timer), True
+
+    def save(state: GRPOSaveState) -> Path:
+        return save_checkpoint(policy, checkpointer, train_dataloader, state, master_config)
+
+    return rl_loop(
+        policy, policy_generation, train_dataloader, val_dataloader, tokenizer, environment,
+        logger, checkpointer, grpo_save_state, master_config, train_dataset,
+        train_step=train_step, save=save, console_metrics=_CONSOLE_METRICS,
+    )  # fmt: skip
+
+
+def rl_loop(
+    policy: Policy,
+    policy_generation: GenerationInterface,
+    train_dataloader: StatefulDataLoader,
+    val_dataloader: StatefulDataLoader,
+    tokenizer: Any,
+    environment: Environment,
+    logger: Logger,
+    checkpointer: CheckpointManager,
+    state: GRPOSaveState,
+    master_config: MasterConfig,
+    train_dataset: TokenizedPromptDataset | None,
+    *,
+    train_step: Callable[[BatchedDataDict, Timer], tuple[dict[str, float], bool]],
+    save: Callable[[GRPOSaveState], Path],
+    console_metrics: tuple[str, ...],
+) -> GRPOSaveState:
+    """The loop of GRPO and PPO (the `grpo` section): the SFT warm-up, then per step a rollout,
+    `train_step(rollout, timer)` (its metrics, and whether the policy changed), the refit of a
+    separate generation engine, validation, logging and `save(state)` every save_period.
+    """
     grpo_config = master_config["grpo"]
-    state, timer = grpo_save_state, Timer()
+    timer = Timer()
     is_fresh = state["total_steps"] == 0
     if is_fresh and grpo_config["sft_warmup_steps"] > 0:
         assert train_dataset is not None, "the SFT warm-up trains on the training prompts"
@@ -552,8 +588,8 @@ def grpo_train(
             with timer.time("refit_check"):
                 error = check_refit(policy, rollout, master_config["policy"])
             rollout_metrics["token_mult_prob_error"], check_next_rollout = error, False
-        metrics = train_on_rollout(policy, rollout, loss_fn, master_config, timer)
-        if policy_generation is not policy:  # a separate engine needs the new weights
+        metrics, policy_changed = train_step(rollout, timer)
+        if policy_changed and policy_generation is not policy:  # the engine needs the weights
             with timer.time("refit"):
                 metrics |= policy_generation.update_weights(policy)
         metrics |= rollout_metrics
@@ -567,13 +603,11 @@ def grpo_train(
                 policy_generation, val_dataloader, environment, tokenizer, master_config,
                 logger, state, timer,
             )  # fmt: skip
-        log_step(logger, metrics, timer, state["total_steps"], _CONSOLE_METRICS)
+        log_step(logger, metrics, timer, state["total_steps"], console_metrics)
         save_period = master_config["checkpointing"]["save_period"]
         if checkpointer.enabled and (is_last or state["total_steps"] % save_period == 0):
             with timer.time("checkpoint"):
-                saved = save_checkpoint(
-                    policy, checkpointer, train_dataloader, state, master_config
-                )
+                saved = save(state)
             if is_last and master_config["checkpointing"]["push_to_hub"] is not None:
                 push_export_to_hub(saved, master_config["checkpointing"])
         log_timing(logger, metrics, timer, state["total_steps"])

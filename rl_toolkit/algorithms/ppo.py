@@ -3,7 +3,7 @@
     setup()                      as GRPO's, plus the critic (a value model on the policy's
                                  workers' bundles) and its loss; build_environment(): the
                                  reward model, or the `env` section's reward function
-    ppo_train()                  [sft warm-up] -> for each step:
+    ppo_train()                  GRPO's loop (grpo.rl_loop): [sft warm-up] -> for each step:
         sample_rollout()             GRPO's: prompts -> completions -> rewards
         train_on_rollout()
             values                   the critic's value of every generated token's state
@@ -29,7 +29,6 @@ neither Ray nor torch.distributed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +47,15 @@ from rl_toolkit.algorithms.grpo import (
     add_reference_logprobs,
     merge_optimizer_steps,
     optimize_policy,
-    run_validation,
-    sample_rollout,
-    sft_warmup,
+    rl_loop,
 )
 from rl_toolkit.algorithms.loss_functions import ClippedPGLossFn, ValueLossFn, kl_estimate
-from rl_toolkit.algorithms.refit_check import check_refit
 from rl_toolkit.algorithms.utils import (
     build_cluster,
     build_policy,
     build_value_model,
     check_runtime_config,
-    log_step,
-    log_timing,
     open_run_folder,
-    push_export_to_hub,
     resume_loader_and_logger,
     save_policy,
     save_training_checkpoint,
@@ -392,87 +385,24 @@ def ppo_train(
 
     Returns the final save state.
     """
-    grpo_config = master_config["grpo"]
-    state, timer = ppo_save_state, Timer()
-    is_fresh = state["total_steps"] == 0
-    if is_fresh and grpo_config["sft_warmup_steps"] > 0:
-        assert train_dataset is not None, "the SFT warm-up trains on the training prompts"
-        with timer.time("sft_warmup"):
-            sft_warmup(policy, train_dataset, tokenizer, master_config, logger)
-    check_next_rollout = policy_generation is not policy  # a separate engine: GRPO's refit check
-    if check_next_rollout:
-        with timer.time("refit"):
-            policy_generation.update_weights(policy)
-    if is_fresh and grpo_config["val_at_start"]:
-        run_validation(
-            policy_generation, val_dataloader, environment, tokenizer, master_config, logger,
-            state, timer,
-        )  # fmt: skip
-    logger.log_metrics(timer.pop_totals(), 0, prefix="timing")
+    warmup_steps = master_config["ppo"]["critic_warmup_steps"]
 
-    batches: Iterator[BatchedDataDict] = iter(train_dataloader)
-
-    def next_prompts() -> BatchedDataDict | None:
-        if state["epoch_batches"] == len(train_dataloader):
-            return None
-        state["epoch_batches"] += 1
-        return next(batches)
-
-    total_steps = grpo_config["max_num_steps"]
-    logger.start_progress(total_steps, initial=state["total_steps"])
-    while state["total_steps"] < total_steps and state["epoch"] < grpo_config["max_num_epochs"]:
-        with timer.time("generation"):
-            sampled = sample_rollout(
-                policy_generation, environment, next_prompts, tokenizer, grpo_config,
-                step=state["total_steps"],
-            )  # fmt: skip
-        if sampled is None:  # the epoch is over: the loader's next iterator starts another
-            assert next(batches, None) is None, "the epoch has no batch left"
-            state["epoch"], state["epoch_batches"] = state["epoch"] + 1, 0
-            batches = iter(train_dataloader)
-            continue
-        rollout, rollout_metrics = sampled
-        policy_generation.finish_generation()
-        if check_next_rollout:
-            with timer.time("refit_check"):
-                error = check_refit(policy, rollout, master_config["policy"])
-            rollout_metrics["token_mult_prob_error"], check_next_rollout = error, False
-        train_policy = state["total_steps"] >= master_config["ppo"]["critic_warmup_steps"]
+    def train_step(rollout: BatchedDataDict, timer: Timer) -> tuple[dict[str, float], bool]:
+        train_policy = ppo_save_state["total_steps"] >= warmup_steps
         metrics = train_on_rollout(
             policy, critic, rollout, loss_fn, value_loss_fn, master_config, timer,
             train_policy=train_policy,
         )  # fmt: skip
-        if train_policy and policy_generation is not policy:
-            with timer.time("refit"):
-                metrics |= policy_generation.update_weights(policy)
-        metrics |= rollout_metrics
-        state["total_steps"] += 1
-        state["consumed_samples"] += int(metrics["num_valid_samples"])
+        return metrics, train_policy
 
-        is_last = state["total_steps"] >= total_steps
-        val_period = grpo_config["val_period"]
-        if is_last or (val_period > 0 and state["total_steps"] % val_period == 0):
-            run_validation(
-                policy_generation, val_dataloader, environment, tokenizer, master_config,
-                logger, state, timer,
-            )  # fmt: skip
-        log_step(logger, metrics, timer, state["total_steps"], _CONSOLE_METRICS)
-        save_period = master_config["checkpointing"]["save_period"]
-        if checkpointer.enabled and (is_last or state["total_steps"] % save_period == 0):
-            with timer.time("checkpoint"):
-                saved = save_checkpoint(
-                    policy, critic, checkpointer, train_dataloader, state, master_config
-                )
-            if is_last and master_config["checkpointing"]["push_to_hub"] is not None:
-                push_export_to_hub(saved, master_config["checkpointing"])
-        log_timing(logger, metrics, timer, state["total_steps"])
-    logger.close()
-    print(
-        f"Done at step {state['total_steps']}: validation reward "
-        f"{state.get('val_reward', float('nan')):.4f}; checkpoints in {checkpointer.run_dir}, "
-        f"metrics in {logger.metrics_path}"
-    )
-    return state
+    def save(state: PPOSaveState) -> Path:
+        return save_checkpoint(policy, critic, checkpointer, train_dataloader, state, master_config)
+
+    return rl_loop(
+        policy, policy_generation, train_dataloader, val_dataloader, tokenizer, environment,
+        logger, checkpointer, ppo_save_state, master_config, train_dataset,
+        train_step=train_step, save=save, console_metrics=_CONSOLE_METRICS,
+    )  # fmt: skip
 
 
 # What the console shows; every metric goes to metrics.jsonl, TensorBoard and wandb.
