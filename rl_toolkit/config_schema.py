@@ -189,6 +189,16 @@ class PolicyConfig(TypedDict):
     generation: NotRequired[SamplingConfig]
 
 
+class ShardedModelConfig(TypedDict):
+    """The keys every FSDP2 role's section has (`policy`, `critic`, `reward_model`), which the
+    runtime reads to build the role's model (rl_toolkit/models/role_config.py)."""
+
+    model_name: str  # HF hub id or local path
+    precision: Literal["float32", "bfloat16"]  # compute dtype; bfloat16 needs a GPU
+    attn_implementation: str  # "varlen" or a Hugging Face attn_implementation
+    fsdp: FSDPConfig
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
@@ -541,8 +551,8 @@ class GRPOConfig(TypedDict):
 
     num_prompts_per_step: prompts sampled per step; each gives a group of
         num_generations_per_prompt completions, so a step has their product of rows.
-    num_generations_per_prompt: G, the group size (>= 2: the advantage compares a completion
-        with the others of its group).
+    num_generations_per_prompt: G, the group size (GRPO: >= 2, the advantage compares a
+        completion with the others of its group; PPO: >= 1, its critic is the baseline).
     max_num_steps / max_num_epochs: training stops at whichever comes first.
     adv_estimator: "grpo" (group mean and std), "dr_grpo" (group mean), "rloo" (leave-one-out
         mean) or "reinforce_pp" (group mean, then whitened over the batch).
@@ -564,7 +574,7 @@ class GRPOConfig(TypedDict):
     """
 
     num_prompts_per_step: PositiveInt
-    num_generations_per_prompt: Annotated[int, Ge(2)]
+    num_generations_per_prompt: PositiveInt
     max_num_steps: NonNegativeInt
     max_num_epochs: PositiveInt
     adv_estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
@@ -579,6 +589,115 @@ class GRPOConfig(TypedDict):
     val_global_batch_size: PositiveInt
     num_val_samples_to_log: NonNegativeInt
     seed: int
+
+
+# ---------------------------------------------------------------------------------------------
+# ppo: a critic, GAE and optionally a reward model, on top of the GRPO sections
+
+
+class CriticConfig(TypedDict):
+    """The `critic` section of a PPO config: the value model (rl_toolkit/models/value/), a
+    sequence-classification model with one label whose head is applied to every position.
+
+    model_name: where its weights come from: a policy (causal LM) checkpoint, whose backbone
+        it takes (the head then starts random), or a reward model's, head included.
+    random_init: random weights seeded by `seed` from model_name's config instead.
+    train_global_batch_size: rows per critic optimizer step; like the policy's, a multiple of
+        G that divides a step's rows.
+    micro_batch, attn_implementation, precision, fsdp, optimizer, scheduler, max_grad_norm:
+        as the policy's keys of the same names.
+    """
+
+    model_name: str
+    precision: Literal["float32", "bfloat16"]
+    random_init: bool
+    seed: int
+    train_global_batch_size: PositiveInt
+    micro_batch: MicroBatchConfig
+    attn_implementation: str
+    fsdp: FSDPConfig
+    optimizer: OptimizerConfig
+    scheduler: list[SchedulerConfig]
+    max_grad_norm: PositiveFloat | None
+
+
+class InferenceMicroBatchConfig(TypedDict):
+    """Micro-batches of a model that only runs forwards: `size` tokens packed into one row
+    (`unit: tokens`) or `size` padded rows (`unit: rows`)."""
+
+    unit: Literal["tokens", "rows"]
+    size: PositiveInt
+
+
+class RewardModelConfig(TypedDict):
+    """The `reward_model` section of a PPO config: a trained reward model that scores the
+    completions instead of `env` (rl_toolkit/models/reward/), inference only.
+
+    model_name: a sequence-classification model with one label (what examples/run_rm.py
+        exports, or any `AutoModelForSequenceClassification` checkpoint).
+    tokenizer: its tokenizer; it reads the prompt and completion as text, tokenised as its
+        training pairs were (the chat template with the completion as the assistant's turn,
+        then EOS).
+    max_total_sequence_length: longer sequences lose prompt tokens from the left.
+    micro_batch, precision, attn_implementation, fsdp: as the policy's keys.
+    """
+
+    model_name: str
+    tokenizer: TokenizerConfig
+    precision: Literal["float32", "bfloat16"]
+    micro_batch: InferenceMicroBatchConfig
+    max_total_sequence_length: Annotated[int, Ge(2)]
+    attn_implementation: str
+    fsdp: FSDPConfig
+
+
+class PPOConfig(TypedDict):
+    """The `ppo` section: what PPO adds to the GRPO loop (docs/guides/ppo.md).
+
+    gae_gamma: the discount gamma of GAE, per token.
+    gae_lambda: GAE's lambda (1: Monte-Carlo returns; 0: one-step TD).
+    whiten_advantages: normalise the advantages to mean 0 and std 1 over the step's tokens.
+    critic_warmup_steps: the first this many steps train the critic only (the policy is not
+        updated), so that the first policy updates see a critic that has learnt something.
+    critic_epochs: passes of the critic over each rollout (each pass one optimizer step per
+        critic.train_global_batch_size rows): a value function learns more slowly than the
+        policy it follows.
+    """
+
+    gae_gamma: Fraction
+    gae_lambda: Fraction
+    whiten_advantages: bool
+    critic_warmup_steps: NonNegativeInt
+    critic_epochs: PositiveInt
+
+
+class ValueLossConfig(TypedDict):
+    """The `value_loss_fn` section: the critic's loss (loss_functions.ValueLossFn).
+
+    value_clip: eps_v: the new value is clipped to the rollout's value +- eps_v in the second
+        term of the loss (PPO's value clipping); None: the plain squared error.
+    """
+
+    value_clip: PositiveFloat | None
+
+
+# ---------------------------------------------------------------------------------------------
+# rm: reward-model training on preference pairs
+
+
+class RMPolicyConfig(CriticConfig):
+    """The `policy` section of a reward-model config (NeMo RL's name): the model trained, a
+    sequence-classification model with one label (the `critic` keys), with its tokenizer and
+    the longest sequence of a pair."""
+
+    tokenizer: TokenizerConfig
+    max_total_sequence_length: Annotated[int, Ge(2)]
+
+
+class RMConfig(SFTConfig):
+    """The `rm` section: the loop of reward-model training, with the `sft` section's keys
+    (max_num_epochs, max_num_steps, val_period, val_batches, val_global_batch_size (2 per
+    pair), val_at_start, seed)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,6 +818,27 @@ class GRPOMasterConfig(TypedDict):
     checkpointing: CheckpointingConfig
 
 
+class PPOMasterConfig(GRPOMasterConfig):
+    """A whole PPO config (configs/ppo.yaml): the GRPO sections, whose `grpo` section holds the
+    loop (its adv_estimator is not read: PPO's advantages are GAE's), and the PPO ones."""
+
+    ppo: PPOConfig
+    critic: CriticConfig
+    value_loss_fn: ValueLossConfig
+    reward_model: RewardModelConfig | None  # None: the `env` section scores the completions
+
+
+class RMMasterConfig(TypedDict):
+    """A whole reward-model training config (configs/rm.yaml)."""
+
+    policy: RMPolicyConfig
+    data: DataConfig
+    rm: RMConfig
+    logger: LoggerConfig
+    cluster: ClusterConfig
+    checkpointing: CheckpointingConfig
+
+
 # ---------------------------------------------------------------------------------------------
 # the engine (rl_toolkit.engine; defaults in configs/engine/*.yaml)
 
@@ -801,7 +941,7 @@ def check_master_config(config: MasterConfig) -> None:
         ConfigError: one line naming the key, its value and what would be right.
     """
     _check_batch_sizes(config, "dpo", config["dpo"], group_size=2)
-    _check_lr(config["policy"])
+    _check_lr(config["policy"]["optimizer"], "policy")
     if config["dpo"]["sync_ref_model"] and config["dpo"]["reference_free"]:
         raise ConfigError(
             "dpo.sync_ref_model=true needs a reference model, but dpo.reference_free=true has "
@@ -824,7 +964,7 @@ def check_sft_config(config: SFTMasterConfig) -> None:
         ConfigError: one line naming the key, its value and what would be right.
     """
     _check_batch_sizes(config, "sft", config["sft"], group_size=1)
-    _check_lr(config["policy"])
+    _check_lr(config["policy"]["optimizer"], "policy")
     _check_lora_export(config)
     _check_output_dirs(config)
 
@@ -836,25 +976,44 @@ def check_grpo_config(config: GRPOMasterConfig) -> None:
     Raises:
         ConfigError: one line naming the key, its value and what would be right.
     """
+    group = config["grpo"]["num_generations_per_prompt"]
+    if group < 2:
+        raise ConfigError(
+            f"grpo.num_generations_per_prompt={group}: GRPO compares a completion with the "
+            "others of its group, so it needs at least 2"
+        )
+    _check_rl_loop(config)
+
+
+def check_ppo_config(config: PPOMasterConfig) -> None:
+    """The rules of a PPO config: GRPO's (the loop, groups against batch sizes, the loss, the
+    prompt data, the folders) for the policy and for the critic.
+
+    Raises:
+        ConfigError: one line naming the key, its value and what would be right.
+    """
+    _check_rl_loop(config)
+    critic = config["critic"]
+    _check_step_batch(
+        config, "critic.train_global_batch_size", critic["train_global_batch_size"],
+        critic["micro_batch"], "critic",
+    )  # fmt: skip
+    _check_lr(critic["optimizer"], "critic")
+
+
+def _check_rl_loop(config: GRPOMasterConfig) -> None:
+    """The rules GRPO and PPO share: the policy's batches against the groups, the prompts' room,
+    sampling, the loss, the warm-up's answers, the checkpoint metric, the data, the folders."""
     grpo, policy = config["grpo"], config["policy"]
     if "generation" not in policy:
         raise ConfigError(
-            "policy.generation is missing: GRPO samples its completions with it "
+            "policy.generation is missing: the completions are sampled with it "
             "(docs/configuration.md, policy.generation)"
         )
-    group, gbs = grpo["num_generations_per_prompt"], policy["train_global_batch_size"]
-    if gbs % group:
-        raise ConfigError(
-            f"policy.train_global_batch_size={gbs} must be a multiple of "
-            f"grpo.num_generations_per_prompt={group}: a training batch holds whole groups"
-        )
-    rows = grpo["num_prompts_per_step"] * group
-    if rows % gbs:
-        raise ConfigError(
-            f"grpo.num_prompts_per_step x grpo.num_generations_per_prompt = {rows} rows per step "
-            f"must be a multiple of policy.train_global_batch_size={gbs} (whole optimizer steps)"
-        )
-    _check_global_batch(config, "policy.train_global_batch_size", gbs, "train", group)
+    gbs = policy["train_global_batch_size"]
+    _check_step_batch(
+        config, "policy.train_global_batch_size", gbs, policy["micro_batch"], "policy"
+    )
     max_new = policy["generation"]["max_new_tokens"]
     if policy["max_total_sequence_length"] <= max_new:
         raise ConfigError(
@@ -873,13 +1032,37 @@ def check_grpo_config(config: GRPOMasterConfig) -> None:
     metric = config["checkpointing"]["metric_name"]
     if metric not in (None, "val_reward"):
         raise ConfigError(
-            f"checkpointing.metric_name={metric!r}: GRPO ranks checkpoints by 'val_reward' "
+            f"checkpointing.metric_name={metric!r}: RL recipes rank checkpoints by 'val_reward' "
             "(or null: the latest ones)"
         )
     check_rollout_config(config["data"], config["env"])
-    _check_lr(policy)
+    _check_lr(policy["optimizer"], "policy")
     _check_lora_export(config)
     _check_output_dirs(config)
+
+
+def _check_step_batch(
+    config: GRPOMasterConfig,
+    gbs_key: str,
+    gbs: int,
+    micro_batch: MicroBatchConfig,
+    section: str,
+) -> None:
+    """A model's optimizer steps of an RL step: `gbs` rows of whole groups, whole steps, split
+    over the workers and into micro-batches of whole groups."""
+    group = config["grpo"]["num_generations_per_prompt"]
+    if gbs % group:
+        raise ConfigError(
+            f"{gbs_key}={gbs} must be a multiple of grpo.num_generations_per_prompt={group}: a "
+            "training batch holds whole groups"
+        )
+    rows = config["grpo"]["num_prompts_per_step"] * group
+    if rows % gbs:
+        raise ConfigError(
+            f"grpo.num_prompts_per_step x grpo.num_generations_per_prompt = {rows} rows per step "
+            f"must be a multiple of {gbs_key}={gbs} (whole optimizer steps)"
+        )
+    _check_global_batch(micro_batch, section, config["cluster"], gbs_key, gbs, "train", group)
 
 
 def check_generation_config(generation: SamplingConfig, cluster: ClusterConfig) -> None:
@@ -953,10 +1136,22 @@ def _is_dotted_path(name: str) -> bool:
     return len(parts) >= 2 and all(part.isidentifier() for part in parts)
 
 
-def _check_lr(policy: PolicyConfig) -> None:
-    lr = policy["optimizer"]["kwargs"].get("lr")  # optional: optimizers have defaults
+def check_rm_config(config: RMMasterConfig) -> None:
+    """check_master_config's rules for a reward-model config: pairs whole over the workers and
+    micro-batches, the rate, the folders.
+
+    Raises:
+        ConfigError: one line naming the key, its value and what would be right.
+    """
+    _check_batch_sizes(config, "rm", config["rm"], group_size=2)
+    _check_lr(config["policy"]["optimizer"], "policy")
+    _check_output_dirs(config)
+
+
+def _check_lr(optimizer: OptimizerConfig, section: str) -> None:
+    lr = optimizer["kwargs"].get("lr")  # optional: optimizers have defaults
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
-        raise ConfigError(f"policy.optimizer.kwargs.lr must be a number > 0, got {lr!r}")
+        raise ConfigError(f"{section}.optimizer.kwargs.lr must be a number > 0, got {lr!r}")
 
 
 def _check_lora_export(config: MasterConfig | SFTMasterConfig | GRPOMasterConfig) -> None:
@@ -971,7 +1166,9 @@ def _check_lora_export(config: MasterConfig | SFTMasterConfig | GRPOMasterConfig
         )
 
 
-def _check_output_dirs(config: MasterConfig | SFTMasterConfig | GRPOMasterConfig) -> None:
+def _check_output_dirs(
+    config: MasterConfig | SFTMasterConfig | GRPOMasterConfig | RMMasterConfig,
+) -> None:
     if config["checkpointing"]["enabled"]:
         check_writable_dir(
             config["checkpointing"]["checkpoint_dir"], "checkpointing.checkpoint_dir"
@@ -985,8 +1182,8 @@ def num_workers(cluster: ClusterConfig) -> int:
 
 
 def _check_batch_sizes(
-    config: MasterConfig | SFTMasterConfig,
-    algorithm: Literal["dpo", "sft"],
+    config: MasterConfig | SFTMasterConfig | RMMasterConfig,
+    algorithm: Literal["dpo", "sft", "rm"],
     section: DPOConfig | SFTConfig,
     *,
     group_size: int,
@@ -996,23 +1193,26 @@ def _check_batch_sizes(
     A group is the rows that stay together: 2 for a preference pair, 1 for an SFT sequence.
     ``section`` is ``config[algorithm]``, the section holding ``val_global_batch_size``.
     """
-    gbs = config["policy"]["train_global_batch_size"]
-    _check_global_batch(config, "policy.train_global_batch_size", gbs, "train", group_size)
+    gbs, micro_batch = config["policy"]["train_global_batch_size"], config["policy"]["micro_batch"]
+    cluster = config["cluster"]
+    gbs_key = "policy.train_global_batch_size"
+    _check_global_batch(micro_batch, "policy", cluster, gbs_key, gbs, "train", group_size)
     val_key, val_gbs = f"{algorithm}.val_global_batch_size", section["val_global_batch_size"]
-    _check_global_batch(config, val_key, val_gbs, "logprob", group_size)
+    _check_global_batch(micro_batch, "policy", cluster, val_key, val_gbs, "logprob", group_size)
 
 
 def _check_global_batch(
-    config: MasterConfig | SFTMasterConfig | GRPOMasterConfig,
+    micro_batch: MicroBatchConfig,
+    section: str,
+    cluster: ClusterConfig,
     gbs_key: str,
     gbs: int,
     purpose: Literal["train", "logprob"],
     group_size: int,
 ) -> None:
-    """`gbs` rows split into whole groups per worker, and `policy.micro_batch.<purpose>` rows
+    """`gbs` rows split into whole groups per worker, and `<section>.micro_batch.<purpose>` rows
     (when the unit is rows) into whole groups that divide a worker's share."""
-    micro_batch = config["policy"]["micro_batch"]
-    workers = num_workers(config["cluster"])
+    workers = num_workers(cluster)
     whole = {1: " evenly", 2: " into whole pairs (2 sequences each)"}.get(
         group_size, f" into whole groups of {group_size} rows"
     )
@@ -1028,8 +1228,8 @@ def _check_global_batch(
             group_size, f" be a multiple of {group_size} (whole groups) and"
         )
         raise ConfigError(
-            f"policy.micro_batch.{purpose}={rows} rows must{multiple} divide the {gbs // workers} "
-            f"sequences each of the {workers} workers gets of {gbs_key}={gbs}"
+            f"{section}.micro_batch.{purpose}={rows} rows must{multiple} divide the "
+            f"{gbs // workers} sequences each of the {workers} workers gets of {gbs_key}={gbs}"
         )
 
 
@@ -1054,12 +1254,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _PATH_KEYS = (
     ("policy", "model_name"),
     ("policy", "tokenizer", "name"),
+    ("critic", "model_name"),
+    ("reward_model", "model_name"),
+    ("reward_model", "tokenizer", "name"),
     ("data", "train_data_path"),
     ("data", "val_data_path"),
 )
 
 
-def resolve_local_paths(config: MasterConfig | SFTMasterConfig | GRPOMasterConfig) -> None:
+def resolve_local_paths(
+    config: MasterConfig | SFTMasterConfig | GRPOMasterConfig | RMMasterConfig,
+) -> None:
     """Make the shipped configs work from any working directory, in place.
 
     A relative path in a model or data key is taken from the working directory when it exists
@@ -1067,9 +1272,13 @@ def resolve_local_paths(config: MasterConfig | SFTMasterConfig | GRPOMasterConfi
     anything else is left as it is (a hub name, or a path whose absence is reported later).
     """
     for keys in _PATH_KEYS:
-        section = config
+        section: Any = config
         for key in keys[:-1]:
-            section = section[key]
+            section = section.get(key)  # a recipe's own sections (critic, reward_model)
+            if section is None:
+                break
+        if section is None:
+            continue
         value = section.get(keys[-1])  # data paths are optional keys
         if isinstance(value, str) and value:
             section[keys[-1]] = _in_cwd_or_repo(value)

@@ -117,3 +117,128 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
     """
     groups = _groups(rewards, group_size)
     return (groups == groups[:, :1]).all(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO: per-token rewards, GAE, whitening, explained variance. Rows are the `[N, T]` layout of a
+# rollout batch: a row's generated tokens are where its `mask` is 1 (right after the prompt).
+
+
+def token_rewards(rewards: Tensor, mask: Tensor, *, kl: Tensor | None, beta: float) -> Tensor:
+    """`[N, T]` per-token rewards r_t = -beta * KL_t + [t = last token] * R (PPO's shaping).
+
+    Ouyang et al. 2022, "Training language models to follow instructions with human feedback"
+    (InstructGPT), eq. 2: the reward model's score of the completion arrives at its last token,
+    and every token pays the KL to the reference (Ziegler et al. 2019, "Fine-Tuning Language
+    Models from Human Preferences").
+
+    Args:
+        rewards: `[N]` the completions' scores.
+        mask: `[N, T]` 1.0 on the generated tokens (a row without any gets no reward).
+        kl: `[N, T]` per-token KL estimates (loss_functions.kl_estimate), or None.
+        beta: the KL coefficient.
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * (mask > 0)).argmax(dim=1)  # (N,) the last generated token
+    shaped = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+    has_tokens = mask.sum(dim=1) > 0
+    shaped[has_tokens, last[has_tokens]] = rewards.double()[has_tokens]
+    if kl is not None:
+        shaped -= beta * kl.double() * mask
+    return shaped.to(rewards.dtype)
+
+
+def gae(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation over each row's masked tokens, and the returns.
+
+    Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+    Estimation", eq. 16: with t' the row's next masked token after t,
+        delta_t = r_t + gamma V_t' - V_t,    A_t = delta_t + gamma lam A_t',
+    where after the row's last masked token V = A = 0 (the episode ends); the return (the
+    critic's target) is G_t = A_t + V_t. Positions where `mask` is 0 (prompt, padding) are
+    skipped and get 0; their rewards and values are not read.
+
+    Args:
+        token_rewards: `[N, T]` r_t (token_rewards).
+        values: `[N, T]` V_t, the critic's value of the state in which token t was generated.
+        mask: `[N, T]` 1.0 on the tokens of the episode.
+        gamma: the discount per token.
+        lam: GAE's lambda.
+
+    Returns:
+        (advantages, returns), `[N, T]` each, in the dtype of `values` (computed in float64).
+    """
+    rewards, old_values, valid = token_rewards.double(), values.double(), mask > 0
+    next_value = torch.zeros(values.shape[0], dtype=torch.float64, device=values.device)
+    next_advantage = torch.zeros_like(next_value)
+    advantages = torch.zeros_like(old_values)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - old_values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        here = valid[:, t]
+        advantages[:, t] = torch.where(here, advantage, 0.0)
+        next_value = torch.where(here, old_values[:, t], next_value)
+        next_advantage = torch.where(here, advantage, next_advantage)
+    returns = (advantages + old_values) * valid
+    return advantages.to(values.dtype), returns.to(values.dtype)
+
+
+# Sums [k] float64 moments over the shards of a batch (an all-reduce across the ranks holding
+# them); None: the tensors given are the whole batch.
+MomentsReduce = Callable[[Tensor], Tensor] | None
+
+
+def masked_moments(values: Tensor, mask: Tensor) -> Tensor:
+    """`[3]` float64: the count, sum and sum of squares of the masked entries. Moments of shards
+    add up to the batch's, so statistics over a batch split over workers need one all-reduce."""
+    selected = values[mask > 0].double()
+    count = torch.tensor(float(selected.numel()), dtype=torch.float64)
+    return torch.stack([count, selected.sum(), selected.square().sum()])
+
+
+def _mean_variance(moments: Tensor, *, unbiased: bool) -> tuple[float, float]:
+    count, total, squares = moments.tolist()
+    mean = total / count
+    variance = max(squares - total * mean, 0.0) / (count - 1 if unbiased else count)
+    return mean, variance
+
+
+def masked_whiten(
+    values: Tensor, mask: Tensor, *, eps: float = 1e-8, reduce: MomentsReduce = None
+) -> Tensor:
+    """(x - mean) / (std + eps) over the masked entries (unbiased std), 0 elsewhere.
+
+    PPO's advantage normalisation over the whole batch: computed on the driver, or on shards
+    whose moments `reduce` sums, so it does not depend on how the batch is split over workers.
+    """
+    moments = masked_moments(values, mask)
+    if reduce is not None:
+        moments = reduce(moments)
+    if moments[0] < 2:
+        return torch.zeros_like(values)
+    mean, variance = _mean_variance(moments, unbiased=True)
+    whitened = (values.double() - mean) / (variance**0.5 + eps)
+    return (whitened * (mask > 0)).to(values.dtype)
+
+
+def explained_variance(
+    values: Tensor, returns: Tensor, mask: Tensor, *, reduce: MomentsReduce = None
+) -> float:
+    """1 - Var(G - V) / Var(G) over the masked entries: how much of the returns' variance the
+    critic's values account for (1: all; 0: no better than a constant; < 0: worse). `reduce`
+    sums the moments over shards, as for masked_whiten.
+
+    NaN when the returns do not vary.
+    """
+    moments = torch.cat([masked_moments(returns, mask), masked_moments(returns - values, mask)])
+    if reduce is not None:
+        moments = reduce(moments)
+    if moments[0] == 0:
+        return float("nan")
+    _, variance = _mean_variance(moments[:3], unbiased=False)
+    _, residual = _mean_variance(moments[3:], unbiased=False)
+    if variance == 0:
+        return float("nan")
+    return 1.0 - residual / variance

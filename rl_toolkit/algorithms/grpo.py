@@ -3,7 +3,7 @@
     setup()                      logger, checkpoints (and the state to resume from), prompt
                                  loaders, cluster, policy (with a reference model when the loss
                                  has a KL term), loss
-    grpo_train()                 [sft warm-up] -> for each step:
+    grpo_train()                 rl_loop(): [sft warm-up] -> for each step:
         sample_rollout()             prompts -> G completions each (policy_generation.generate)
                                      -> rewards (environment.score); dynamic sampling refills
                                      zero-variance groups; overlong filtering
@@ -28,6 +28,7 @@ The names and signatures follow NeMo RL's `nemo_rl.algorithms.grpo`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 import torch
@@ -75,7 +76,7 @@ from rl_toolkit.utils.timer import Timer
 MasterConfig = GRPOMasterConfig  # NeMo RL's name for it in this module
 
 # The keys a training step sends to the workers (the rollout's lists stay on the driver).
-_TRAIN_KEYS = (
+TRAIN_KEYS = (
     "input_ids", "input_lengths", "token_mask", "sample_mask", "advantages",
     "generation_logprobs", "reference_policy_logprobs", "prev_logprobs",
 )  # fmt: skip
@@ -305,26 +306,48 @@ def train_on_rollout(
     master_config: MasterConfig,
     timer: Timer,
 ) -> dict[str, float]:
-    """Reference log-probs (KL), advantages, then one optimizer step per global batch.
+    """Reference log-probs (KL), advantages, then one optimizer step per global batch
+    (`optimize_policy`)."""
+    if master_config["loss_fn"]["reference_policy_kl_penalty"] > 0:
+        add_reference_logprobs(policy, rollout, master_config, timer)
+    rollout["advantages"] = compute_advantages(rollout, master_config)
+    return optimize_policy(policy, rollout, loss_fn, master_config, timer)
+
+
+def add_reference_logprobs(
+    policy: Policy, rollout: BatchedDataDict, master_config: MasterConfig, timer: Timer
+) -> None:
+    """The reference policy's log-probs of the generated tokens, as the rollout's
+    `reference_policy_logprobs` (for a KL term)."""
+    logprob_mbs = micro_batches(master_config["policy"]["micro_batch"], "logprob")
+    with timer.time("reference_logprobs"):
+        reference = policy.reference_logprobs(rollout, logprob_mbs)["reference_logprobs"]
+    rollout["reference_policy_logprobs"] = reference
+
+
+def optimize_policy(
+    policy: Policy,
+    rollout: BatchedDataDict,
+    loss_fn: ClippedPGLossFn,
+    master_config: MasterConfig,
+    timer: Timer,
+) -> dict[str, float]:
+    """One optimizer step per `policy.train_global_batch_size` rows of a rollout that has its
+    `advantages` (and what the loss reads).
 
     With several optimizer steps per rollout, the ratio's denominator is the policy before the
     first of them (`prev_logprobs`); with one, the loss uses the current log-probs detached (the
     ratio is 1) and nothing is recomputed.
     """
     policy_config = master_config["policy"]
-    logprob_mbs = micro_batches(policy_config["micro_batch"], "logprob")
-    if master_config["loss_fn"]["reference_policy_kl_penalty"] > 0:
-        with timer.time("reference_logprobs"):
-            reference = policy.reference_logprobs(rollout, logprob_mbs)["reference_logprobs"]
-            rollout["reference_policy_logprobs"] = reference
-    rollout["advantages"] = compute_advantages(rollout, master_config)
     gbs = policy_config["train_global_batch_size"]
     if rollout.size > gbs:
         with timer.time("prev_logprobs"):
+            logprob_mbs = micro_batches(policy_config["micro_batch"], "logprob")
             logprobs = policy.logprobs(rollout, logprob_mbs)["logprobs"]
             rollout["prev_logprobs"] = logprobs * rollout["token_mask"]
     batch: BatchedDataDict = BatchedDataDict(
-        {key: rollout[key] for key in _TRAIN_KEYS if key in rollout},
+        {key: rollout[key] for key in TRAIN_KEYS if key in rollout},
         group_size=rollout.group_size,
     )
     train_mbs = micro_batches(policy_config["micro_batch"], "train")
@@ -332,10 +355,10 @@ def train_on_rollout(
     with timer.time("training"):
         for start in range(0, batch.size, gbs):
             step_metrics.append(policy.train(batch.slice(start, start + gbs), loss_fn, train_mbs))
-    return _merge_optimizer_steps(step_metrics)
+    return merge_optimizer_steps(step_metrics)
 
 
-def _merge_optimizer_steps(metrics: list[dict[str, float]]) -> dict[str, float]:
+def merge_optimizer_steps(metrics: list[dict[str, float]]) -> dict[str, float]:
     """The metrics of a rollout's optimizer steps: counts summed, the rest averaged."""
     summed = ("global_num_tokens", "num_valid_samples")
     return {
@@ -435,7 +458,7 @@ def validate(
     return metrics, samples
 
 
-def _run_validation(
+def run_validation(
     policy_generation: GenerationInterface,
     val_dataloader: StatefulDataLoader,
     environment: Environment,
@@ -445,6 +468,8 @@ def _run_validation(
     state: GRPOSaveState,
     timer: Timer,
 ) -> None:
+    """`validate` at the state's step: the reward in the save state, the metrics and samples in
+    the logs."""
     step = state["total_steps"]
     with timer.time("validation"):
         metrics, samples = validate(
@@ -481,8 +506,43 @@ def grpo_train(
 
     Returns the final save state.
     """
+
+    def train_step(rollout: BatchedDataDict, timer: Timer) -> tuple[dict[str, float], bool]:
+        return train_on_rollout(policy, rollout, loss_fn, master_config, timer), True
+
+    def save(state: GRPOSaveState) -> Path:
+        return save_checkpoint(policy, checkpointer, train_dataloader, state, master_config)
+
+    return rl_loop(
+        policy, policy_generation, train_dataloader, val_dataloader, tokenizer, environment,
+        logger, checkpointer, grpo_save_state, master_config, train_dataset,
+        train_step=train_step, save=save, console_metrics=_CONSOLE_METRICS,
+    )  # fmt: skip
+
+
+def rl_loop(
+    policy: Policy,
+    policy_generation: GenerationInterface,
+    train_dataloader: StatefulDataLoader,
+    val_dataloader: StatefulDataLoader,
+    tokenizer: Any,
+    environment: Environment,
+    logger: Logger,
+    checkpointer: CheckpointManager,
+    state: GRPOSaveState,
+    master_config: MasterConfig,
+    train_dataset: TokenizedPromptDataset | None,
+    *,
+    train_step: Callable[[BatchedDataDict, Timer], tuple[dict[str, float], bool]],
+    save: Callable[[GRPOSaveState], Path],
+    console_metrics: tuple[str, ...],
+) -> GRPOSaveState:
+    """The loop of GRPO and PPO (the `grpo` section): the SFT warm-up, then per step a rollout,
+    `train_step(rollout, timer)` (its metrics, and whether the policy changed), the refit of a
+    separate generation engine, validation, logging and `save(state)` every save_period.
+    """
     grpo_config = master_config["grpo"]
-    state, timer = grpo_save_state, Timer()
+    timer = Timer()
     is_fresh = state["total_steps"] == 0
     if is_fresh and grpo_config["sft_warmup_steps"] > 0:
         assert train_dataset is not None, "the SFT warm-up trains on the training prompts"
@@ -495,7 +555,7 @@ def grpo_train(
         with timer.time("refit"):
             policy_generation.update_weights(policy)
     if is_fresh and grpo_config["val_at_start"]:
-        _run_validation(
+        run_validation(
             policy_generation, val_dataloader, environment, tokenizer, master_config, logger,
             state, timer,
         )  # fmt: skip
@@ -528,8 +588,8 @@ def grpo_train(
             with timer.time("refit_check"):
                 error = check_refit(policy, rollout, master_config["policy"])
             rollout_metrics["token_mult_prob_error"], check_next_rollout = error, False
-        metrics = train_on_rollout(policy, rollout, loss_fn, master_config, timer)
-        if policy_generation is not policy:  # a separate engine needs the new weights
+        metrics, policy_changed = train_step(rollout, timer)
+        if policy_changed and policy_generation is not policy:  # the engine needs the weights
             with timer.time("refit"):
                 metrics |= policy_generation.update_weights(policy)
         metrics |= rollout_metrics
@@ -539,17 +599,15 @@ def grpo_train(
         is_last = state["total_steps"] >= total_steps
         val_period = grpo_config["val_period"]
         if is_last or (val_period > 0 and state["total_steps"] % val_period == 0):
-            _run_validation(
+            run_validation(
                 policy_generation, val_dataloader, environment, tokenizer, master_config,
                 logger, state, timer,
             )  # fmt: skip
-        log_step(logger, metrics, timer, state["total_steps"], _CONSOLE_METRICS)
+        log_step(logger, metrics, timer, state["total_steps"], console_metrics)
         save_period = master_config["checkpointing"]["save_period"]
         if checkpointer.enabled and (is_last or state["total_steps"] % save_period == 0):
             with timer.time("checkpoint"):
-                saved = save_checkpoint(
-                    policy, checkpointer, train_dataloader, state, master_config
-                )
+                saved = save(state)
             if is_last and master_config["checkpointing"]["push_to_hub"] is not None:
                 push_export_to_hub(saved, master_config["checkpointing"])
         log_timing(logger, metrics, timer, state["total_steps"])

@@ -1,5 +1,6 @@
-"""Loss functions: the DPO family of preference losses, DPOLossFn, NLLLossFn and the
-policy-gradient losses of RL with generation (ClippedPGLossFn).
+"""Loss functions: the DPO family of preference losses, DPOLossFn, NLLLossFn, the
+policy-gradient losses of RL with generation (ClippedPGLossFn), the critic's (ValueLossFn) and
+the reward model's (BradleyTerryLossFn).
 
 Each preference loss is a pure function of the four per-sequence log-probs of a set of pairs
 
@@ -32,7 +33,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rl_toolkit.config_schema import DPOLossConfig, PGLossConfig, check_pg_loss_config
+from rl_toolkit.config_schema import (
+    DPOLossConfig,
+    PGLossConfig,
+    ValueLossConfig,
+    check_pg_loss_config,
+)
 from rl_toolkit.utils.config import ConfigError
 
 Tensor = torch.Tensor
@@ -649,3 +655,132 @@ class ClippedPGLossFn:
         length = self.cfg["sum_norm_length"]
         assert length is not None, "checked with the config: sum_norm needs its length"
         return masked.sum() / (seqs * length)
+
+
+# ---------------------------------------------------------------------------------------------
+# The critic's loss (PPO) and the reward model's (Bradley-Terry)
+
+
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, /, *, clip: float | None
+) -> Tensor:
+    """PPO's value loss per token: 0.5 max((V - G)^2, (V_old + clip(V - V_old, -e, e) - G)^2).
+
+    V the critic's new value, V_old the value the rollout was scored with (GAE's), G the return.
+    The clipped term keeps the new value within e of the old one unless that lowers the loss
+    (OpenAI baselines' PPO2; Schulman et al. 2017 do not clip the value). With clip None:
+    0.5 (V - G)^2.
+    """
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * unclipped
+    clipped = (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped)
+
+
+class ValueLossFn:
+    """The critic's loss of one micro-batch of a rollout, normalised over the global batch.
+
+    L = sum_{i,t} m_it * clipped_value_loss(V_it, V_old_it, G_it) / N_tok, with m the generated
+    tokens of valid rows (`token_mask * sample_mask`) and N_tok their number in the global batch
+    (a token mean, whatever the workers and micro-batches).
+
+    Args:
+        cfg: the `value_loss_fn` section.
+    """
+
+    def __init__(self, cfg: ValueLossConfig) -> None:
+        self.clip = cfg["value_clip"]
+
+    def __call__(
+        self,
+        values: Tensor,
+        data: dict[str, Any],
+        global_valid_seqs: Tensor,
+        global_valid_toks: Tensor,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """This micro-batch's share of the global-batch loss, and additive metrics.
+
+        Args:
+            values: `[b, T]` the critic's values (with autograd), 0 off the generated tokens.
+            data: the micro-batch: `token_mask [b, T]`, `sample_mask [b]`, `values [b, T]` (the
+                rollout's, V_old) and `returns [b, T]`.
+            global_valid_seqs, global_valid_toks: 0-d tensors, the global batch's counts.
+
+        Returns:
+            (loss, metrics): `loss`, `value_clip_fraction` (tokens whose clipped term is the
+            larger), `value_mean` and `num_valid_samples`, additive over micro-batches and
+            workers.
+        """
+        mask = data["token_mask"] * data["sample_mask"][:, None]  # (b, T)
+        old, returns = data["values"], data["returns"]
+        per_token = clipped_value_loss(values, old, returns, clip=self.clip)
+        toks = global_valid_toks.clamp(min=1)
+        loss = (per_token * mask).sum() / toks
+        with torch.no_grad():
+            clipped = (2 * per_token > (values - returns) ** 2).float()  # the clipped term won
+            metrics = {
+                "loss": loss.item(),
+                "value_clip_fraction": ((clipped * mask).sum() / toks).item(),
+                "value_mean": ((values * mask).sum() / toks).item(),
+                "num_valid_samples": int(data["sample_mask"].sum().item()),
+            }
+        return loss, metrics
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, /) -> Tensor:
+    """-log s(r_c - r_r), per pair: the reward model's loss on a preference pair.
+
+    Bradley and Terry 1952, "Rank Analysis of Incomplete Block Designs"; as a reward model's
+    objective, Ouyang et al. 2022 (InstructGPT), eq. 1: P(chosen > rejected) = s(r_c - r_r).
+    """
+    return -F.logsigmoid(chosen - rejected)
+
+
+# Metrics of BradleyTerryLossFn, each summed over valid pairs and divided by the global count.
+RM_PAIR_METRICS = ("accuracy", "margin_mean", "chosen_score_mean", "rejected_score_mean")
+
+
+class BradleyTerryLossFn:
+    """The reward model's loss of one micro-batch of interleaved pairs, normalised globally:
+    L = sum_pairs bradley_terry_loss(r_c, r_r) / N, N the valid pairs of the global batch.
+
+    The scores r are the model's output after each sequence's last token (`per_sequence`: the
+    value worker passes `[b]` scores, rows `[c0, r0, c1, r1, ...]`).
+    """
+
+    per_sequence = True  # read by ValueWorker.train: one score per sequence, not per token
+
+    def __call__(
+        self,
+        scores: Tensor,
+        data: dict[str, Any],
+        global_valid_seqs: Tensor,
+        global_valid_toks: Tensor,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """This micro-batch's share of the global-batch loss, and additive metrics.
+
+        Args:
+            scores: `[b]` the sequences' scores (with autograd), b = 2 * pairs.
+            data: the micro-batch, with `sample_mask [b]` (a pair is valid or not as a whole).
+            global_valid_seqs: 0-d tensor, valid sequences in the global batch (2 per pair).
+            global_valid_toks: unused (the loss is per pair).
+
+        Returns:
+            (loss, metrics): `loss`, the means of RM_PAIR_METRICS over the global batch's valid
+            pairs, and `num_valid_samples` (valid pairs of this micro-batch).
+        """
+        sample_mask = data["sample_mask"]
+        assert torch.equal(sample_mask[0::2], sample_mask[1::2]), "a pair must be valid or not"
+        valid = sample_mask[0::2] > 0  # (pairs,)
+        chosen, rejected = scores[0::2][valid], scores[1::2][valid]
+        num_pairs = (global_valid_seqs / 2).clamp(min=1)
+        loss = bradley_terry_loss(chosen, rejected).sum() / num_pairs
+        with torch.no_grad():
+            sums = torch.stack(
+                [(chosen > rejected).sum(), (chosen - rejected).sum(), chosen.sum(), rejected.sum()]
+            )
+            means = (sums / num_pairs).tolist()
+        metrics = {"loss": loss.item(), **dict(zip(RM_PAIR_METRICS, means, strict=True))}
+        metrics["num_valid_samples"] = int(valid.sum().item())
+        return loss, metrics

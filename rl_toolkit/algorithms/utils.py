@@ -6,7 +6,7 @@ runtime; nothing here decides anything about an algorithm.
 """
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -15,7 +15,12 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from rl_toolkit.config_schema import CheckpointingConfig, ClusterConfig, PolicyConfig
+from rl_toolkit.config_schema import (
+    CheckpointingConfig,
+    ClusterConfig,
+    CriticConfig,
+    PolicyConfig,
+)
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.distributed.virtual_cluster import RayVirtualCluster, check_worker_env_vars
 from rl_toolkit.models.attention import check_attn_implementation
@@ -24,6 +29,8 @@ from rl_toolkit.models.optim import check_optimizer_config
 from rl_toolkit.models.policy.lm_policy import Policy
 from rl_toolkit.models.policy.reference_cache import ReferenceLogprobCache
 from rl_toolkit.models.policy.worker import PolicyWorker
+from rl_toolkit.models.value.value_model import ValueModel
+from rl_toolkit.models.value.worker import ValueWorker
 from rl_toolkit.utils.checkpoint import (
     CheckpointManager,
     load_dataloader_state,
@@ -163,16 +170,58 @@ def build_policy(
     )
 
 
+def build_value_model(
+    cluster: RayVirtualCluster,
+    config: CriticConfig,
+    cluster_config: ClusterConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    section: str,
+    resume_path: Path | None,
+) -> ValueModel:
+    """A trained scalar-head model (the critic, a reward model in training) on `cluster`, its
+    checkpoint under `<checkpoint>/<section>` (from `resume_path` when there is one)."""
+    paths = model_paths(resume_path, section) if resume_path is not None else {}
+    return ValueModel(
+        cluster,
+        config,
+        tokenizer,
+        section=section,
+        init_optimizer=True,
+        weights_path=paths.get("weights_path"),
+        optimizer_path=paths.get("optimizer_path"),
+        worker_timeout_s=cluster_config["worker_timeout_s"],
+        worker_env_vars=cluster_config["worker_env_vars"],
+    )
+
+
+def save_value_model(
+    model: ValueModel, folder: Path, config: CheckpointingConfig, *, export_hf: bool
+) -> None:
+    """A scalar-head model's part of a checkpoint, under `<folder>/<its section>`; with
+    `export_hf` and save_hf also its HF export (`hf/`: a reward model's, which
+    `AutoModelForSequenceClassification` loads)."""
+    model.workers.all(ValueWorker.save_checkpoint, **model_paths(folder, model.section))
+    if export_hf and config["save_hf"]:
+        max_shard_size = parse_shard_size(config["hf_max_shard_size"])
+        model.workers.all(ValueWorker.export_hf, str(folder / "hf"), max_shard_size=max_shard_size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
 
 def policy_paths(checkpoint: Path) -> dict[str, str]:
     """Where the policy's weights, optimizer and tokenizer go in a checkpoint folder."""
+    return model_paths(checkpoint, "policy")
+
+
+def model_paths(checkpoint: Path, role: str) -> dict[str, str]:
+    """Where a role's (policy, critic) weights, optimizer and tokenizer go in a checkpoint."""
     return {
-        "weights_path": str(checkpoint / "policy" / "weights"),
-        "optimizer_path": str(checkpoint / "policy" / "optimizer"),
-        "tokenizer_path": str(checkpoint / "policy" / "tokenizer"),
+        "weights_path": str(checkpoint / role / "weights"),
+        "optimizer_path": str(checkpoint / role / "optimizer"),
+        "tokenizer_path": str(checkpoint / role / "tokenizer"),
     }
 
 
@@ -189,17 +238,44 @@ def save_checkpoint(
     Returns:
         The complete checkpoint's folder.
     """
-    config: CheckpointingConfig = master_config["checkpointing"]
-    tmp = checkpointer.begin(state["total_steps"])
-    policy.workers.all(PolicyWorker.save_checkpoint, **policy_paths(tmp))
+    return save_training_checkpoint(
+        lambda folder: save_policy(policy, folder, master_config["checkpointing"]),
+        checkpointer,
+        train_dataloader,
+        state,
+        master_config,
+    )
+
+
+def save_policy(policy: Policy, folder: Path, config: CheckpointingConfig) -> None:
+    """The policy's part of a checkpoint: weights, optimizer, tokenizer and the HF export
+    (`hf/`, with save_hf)."""
+    policy.workers.all(PolicyWorker.save_checkpoint, **policy_paths(folder))
     if config["save_hf"]:
         max_shard_size = parse_shard_size(config["hf_max_shard_size"])
         policy.workers.all(
             PolicyWorker.export_hf,
-            str(tmp / "hf"),
+            str(folder / "hf"),
             max_shard_size=max_shard_size,
             export_lora=config["export_lora"],
         )
+
+
+def save_training_checkpoint(
+    save_models: Callable[[Path], None],
+    checkpointer: CheckpointManager,
+    train_dataloader: StatefulDataLoader,
+    state: Mapping[str, Any],
+    master_config: Mapping[str, Any],
+) -> Path:
+    """`save_checkpoint` for any set of models: `save_models(folder)` writes theirs, then the
+    data-loader and RNG state and the config, and the folder is finalized.
+
+    Returns:
+        The complete checkpoint's folder.
+    """
+    tmp = checkpointer.begin(state["total_steps"])
+    save_models(tmp)
     save_dataloader_state(tmp, train_dataloader.state_dict())
     save_rng_state(tmp)
     save_config(master_config, tmp / "config.yaml")

@@ -1,8 +1,8 @@
 """Ray start-up and the virtual cluster: placement groups that reserve one bundle per worker.
 
-A bundle is the slice of the cluster one worker runs in: `{"GPU": 1, "CPU": k}`, or `{"CPU": k}`
-in CPU mode, with `k = max_colocated_worker_groups` so that that many worker groups (one actor
-each) can share a bundle. The worker group (`worker_groups.py`) starts one actor per bundle and
+A bundle is the slice of the cluster one worker runs in: `{"GPU": 1, "CPU": k}` with
+`k = max_colocated_worker_groups`, so that that many worker groups (one actor each) can share a
+bundle, or `{"CPU": 1}` in CPU mode, which the colocated groups' actors share (they take turns). The worker group (`worker_groups.py`) starts one actor per bundle and
 uses `get_bundles()` to learn which node each bundle landed on.
 """
 
@@ -21,7 +21,7 @@ from ray._private import ray_constants
 from ray._private.services import find_bootstrap_address
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
 
-from rl_toolkit.config_schema import ClusterConfig, PolicyConfig, num_workers
+from rl_toolkit.config_schema import ClusterConfig, ShardedModelConfig, num_workers
 from rl_toolkit.distributed import ray_watchdog
 from rl_toolkit.utils.config import ConfigError
 
@@ -438,13 +438,22 @@ def _resources_per_node(resources: list[str]) -> list[str]:
     return summary
 
 
-def check_cluster_fits(cluster: ClusterConfig, policy: PolicyConfig) -> None:
+def check_cluster_fits(
+    cluster: ClusterConfig,
+    policy: ShardedModelConfig,
+    *,
+    section: str = "policy",
+) -> None:
     """The Ray cluster has the GPUs (or CPUs) the workers ask for, and the precision fits.
 
     Called on the driver once Ray is up, before any placement group or worker exists.
 
+    Args:
+        policy: the section of the model the workers hold (the policy, a critic, ...).
+        section: its name, for the errors.
+
     Raises:
-        ConfigError: one line naming the cluster.* or policy.* key and what the cluster has.
+        ConfigError: one line naming the cluster.* or <section>.* key and what the cluster has.
     """
     total = ray.cluster_resources()
     workers, num_gpus = num_workers(cluster), int(total.get("GPU", 0))
@@ -455,16 +464,16 @@ def check_cluster_fits(cluster: ClusterConfig, policy: PolicyConfig) -> None:
     if num_gpus == 0:
         if policy["precision"] == "bfloat16":
             raise ConfigError(
-                "policy.precision=bfloat16 needs GPU workers, but the Ray cluster has no GPU; "
-                "use policy.precision=float32 on CPU"
+                f"{section}.precision=bfloat16 needs GPU workers, but the Ray cluster has no "
+                f"GPU; use {section}.precision=float32 on CPU"
             )
         if policy["fsdp"]["cpu_offload"]:
             raise ConfigError(
-                "policy.fsdp.cpu_offload=true needs GPU workers (on CPU the weights are in host "
-                "memory already), but the Ray cluster has no GPU; set it to false"
+                f"{section}.fsdp.cpu_offload=true needs GPU workers (on CPU the weights are in "
+                "host memory already), but the Ray cluster has no GPU; set it to false"
             )
         num_cpus = int(total.get("CPU", 0))
-        if workers > num_cpus:
+        if workers > num_cpus:  # colocated worker groups share a worker's CPU
             raise ConfigError(
                 f"{asked}, one CPU each, but the Ray cluster has {num_cpus} CPUs and no GPU; "
                 "lower cluster.gpus_per_node"

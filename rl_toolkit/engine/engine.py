@@ -196,6 +196,7 @@ class Engine:
         self._replay: Callable[[BatchedDataDict], BatchedDataDict] | None = None
         self.groups: dict[str, ModuleGroup] = {}
         self._clusters: list[RayVirtualCluster] = []
+        self.last_eval: dict[str, float] = {}  # the latest evaluation's metrics (checkpoints)
 
     def set_dataset(self, prompts: Any) -> Engine:
         """The training data, as `build_dataset` of the dataset module takes it."""
@@ -455,7 +456,7 @@ class Engine:
         save_dataloader_state(tmp, loader.state_dict())
         save_rng_state(tmp)
         save_config(config, tmp / "config.yaml")
-        info = {**state, **{f"val_{k}": v for k, v in getattr(self, "last_eval", {}).items()}}
+        info = {**state, **{f"val_{k}": v for k, v in self.last_eval.items()}}
         return checkpointer.finalize(tmp, state["episode"], info)
 
     def _load(self, checkpoint: Path, loader: StatefulDataLoader) -> None:

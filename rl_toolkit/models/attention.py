@@ -228,8 +228,27 @@ def _flash_varlen(
     return out[None]  # (1, L, Hq, D)
 
 
-def check_attn_implementation(name: str) -> None:
-    """Raise ``ConfigError`` unless ``policy.attn_implementation`` names an attention.
+def packed_row_kwargs(cu_seq_lens: torch.Tensor | None) -> dict[str, Any]:
+    """The keyword arguments that carry a packed row's sequence boundaries from a Hugging Face
+    model's forward to its attention function (read by this module's and flash attention;
+    ignored by the others); none for padded rows (``cu_seq_lens`` None).
+
+    Args:
+        cu_seq_lens: ``[k + 1]`` int32 cumulative sequence lengths of a packed row (``pack_rows``).
+    """
+    if cu_seq_lens is None:
+        return {}
+    max_length = int(cu_seq_lens.diff().max())
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }
+
+
+def check_attn_implementation(name: str, *, key: str = "policy.attn_implementation") -> None:
+    """Raise ``ConfigError`` unless ``name`` (the value of ``key``) names an attention.
 
     ``varlen``, ``eager``, or an implementation registered with transformers (``sdpa``,
     ``flash_attention_2``, ``flex_attention``, ...); a Hugging Face hub kernel (``org/repo``) and
@@ -238,9 +257,7 @@ def check_attn_implementation(name: str) -> None:
     known = {"varlen", "eager", *AttentionInterface().valid_keys()} - {VARLEN_ATTENTION}
     if name in known or "/" in name or name.startswith("paged|"):
         return
-    raise ConfigError(
-        f"policy.attn_implementation={name!r}; expected one of {', '.join(sorted(known))}"
-    )
+    raise ConfigError(f"{key}={name!r}; expected one of {', '.join(sorted(known))}")
 
 
 AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)

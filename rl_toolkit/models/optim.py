@@ -10,27 +10,29 @@ from collections.abc import Iterable
 
 import torch
 
-from rl_toolkit.config_schema import OptimizerConfig, PolicyConfig, SchedulerConfig
+from rl_toolkit.config_schema import CriticConfig, OptimizerConfig, SchedulerConfig
 from rl_toolkit.utils.config import ConfigError
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], config: OptimizerConfig
+    params: Iterable[torch.nn.Parameter], config: OptimizerConfig, *, section: str = "policy"
 ) -> torch.optim.Optimizer:
-    """``policy.optimizer.name(params, **policy.optimizer.kwargs)``.
+    """``<section>.optimizer.name(params, **<section>.optimizer.kwargs)``.
 
     Raises:
         ConfigError: the class cannot be imported or does not take the keywords.
     """
-    optimizer_cls = _import_class(config["name"], "policy.optimizer.name")
+    optimizer_cls = _import_class(config["name"], f"{section}.optimizer.name")
     try:
         return optimizer_cls(params, **config["kwargs"])
     except (TypeError, ValueError, RuntimeError) as exc:  # a keyword it does not take, a range
-        raise ConfigError(f"policy.optimizer.kwargs do not fit {config['name']}: {exc}") from None
+        raise ConfigError(
+            f"{section}.optimizer.kwargs do not fit {config['name']}: {exc}"
+        ) from None
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, entries: list[SchedulerConfig]
+    optimizer: torch.optim.Optimizer, entries: list[SchedulerConfig], *, section: str = "policy"
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """One scheduler, or several chained with ``SequentialLR`` at the listed milestones.
 
@@ -41,11 +43,11 @@ def build_scheduler(
     for idx, entry in enumerate(entries):
         if set(entry) not in ({"name", "kwargs"}, {"milestones"}):
             raise ConfigError(
-                f"policy.scheduler[{idx}]: expected keys {{name, kwargs}} or {{milestones}}, "
+                f"{section}.scheduler[{idx}]: expected keys {{name, kwargs}} or {{milestones}}, "
                 f"got {sorted(entry)}"
             )
     schedulers = [
-        _build_one_scheduler(optimizer, entry, idx)
+        _build_one_scheduler(optimizer, entry, f"{section}.scheduler[{idx}]")
         for idx, entry in enumerate(entries)
         if "name" in entry
     ]
@@ -54,32 +56,32 @@ def build_scheduler(
         return schedulers[0]
     if not schedulers or len(milestones) != 1 or len(milestones[0]) != len(schedulers) - 1:
         raise ConfigError(
-            f"policy.scheduler: expected one or more {{name, kwargs}} entries and, with more "
+            f"{section}.scheduler: expected one or more {{name, kwargs}} entries and, with more "
             f"than one, a last {{milestones: [...]}} entry with one step per switch; got {entries}"
         )
     return torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones[0])
 
 
 def _build_one_scheduler(
-    optimizer: torch.optim.Optimizer, entry: SchedulerConfig, idx: int
+    optimizer: torch.optim.Optimizer, entry: SchedulerConfig, key: str
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    scheduler_cls = _import_class(entry["name"], f"policy.scheduler[{idx}].name")
+    scheduler_cls = _import_class(entry["name"], f"{key}.name")
     try:
         return scheduler_cls(optimizer, **entry["kwargs"])
     except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"policy.scheduler[{idx}].kwargs do not fit {entry['name']}: {exc}"
-        ) from None
+        raise ConfigError(f"{key}.kwargs do not fit {entry['name']}: {exc}") from None
 
 
-def check_optimizer_config(config: PolicyConfig) -> None:
-    """Build the optimizer and scheduler for one parameter, to catch config errors on the driver.
+def check_optimizer_config(config: CriticConfig, *, section: str = "policy") -> None:
+    """Build the optimizer and scheduler of ``config`` (the `<section>` section) for one
+    parameter, to catch config errors on the driver.
 
     Raises:
         ConfigError: as ``build_optimizer`` and ``build_scheduler``.
     """
     param = torch.nn.Parameter(torch.zeros(1))
-    build_scheduler(build_optimizer([param], config["optimizer"]), config["scheduler"])
+    optimizer = build_optimizer([param], config["optimizer"], section=section)
+    build_scheduler(optimizer, config["scheduler"], section=section)
 
 
 def _import_class(path: str, key: str) -> type:

@@ -66,13 +66,43 @@ def check_policy_model(config: PolicyConfig) -> None:
     Raises:
         ConfigError: naming policy.model_name and what is missing.
     """
-    check_model_path(config["model_name"])
-    if not config["random_init"] and not has_weights(config["model_name"]):
+    check_trained_model(config["model_name"], random_init=config["random_init"], section="policy")
+
+
+def check_trained_model(model_name: str, *, random_init: bool, section: str) -> None:
+    """`<section>.model_name` exists and, unless random_init, has weights to load.
+
+    Raises:
+        ConfigError: naming the key and what is missing.
+    """
+    check_model_path(model_name, key=f"{section}.model_name")
+    if not random_init and not has_weights(model_name):
         raise ConfigError(
-            f"policy.model_name: {config['model_name']!r} holds a config but no weights (none of "
-            f"{', '.join(WEIGHT_FILES)}); set policy.random_init=true to start from random "
-            "weights seeded by policy.seed"
+            f"{section}.model_name: {model_name!r} holds a config but no weights (none of "
+            f"{', '.join(WEIGHT_FILES)}); set {section}.random_init=true to start from random "
+            f"weights seeded by {section}.seed"
         )
+
+
+def check_reward_model(model_name: str, key: str) -> None:
+    """The model exists and is a reward model: one label, a sequence classifier when its config
+    names its architecture (a causal LM's config also says one label is not its head's).
+
+    Raises:
+        ConfigError: naming `key` and what the model is.
+    """
+    check_model_path(model_name, key=key)
+    config = AutoConfig.from_pretrained(model_name)
+    architectures = config.architectures or []
+    classifier = all(name.endswith("ForSequenceClassification") for name in architectures)
+    if config.num_labels != 1 or not classifier:
+        raise ConfigError(
+            f"{key}: {model_name!r} is not a reward model (architectures {architectures}, "
+            f"num_labels {config.num_labels}); expected a sequence classifier with one label, "
+            "e.g. an export of examples/run_rm.py"
+        )
+    if not has_weights(model_name):
+        raise ConfigError(f"{key}: {model_name!r} holds a config but no weights")
 
 
 def warn_if_random_init_of_trained_model(config: PolicyConfig) -> None:
@@ -85,17 +115,21 @@ def warn_if_random_init_of_trained_model(config: PolicyConfig) -> None:
         )
 
 
-def get_tokenizer(config: TokenizerConfig) -> PreTrainedTokenizerBase:
+def get_tokenizer(config: TokenizerConfig, *, section: str = "policy") -> PreTrainedTokenizerBase:
     """Load the tokenizer; apply the configured chat template; make sure it has a pad token.
+
+    Args:
+        config: the `tokenizer` key of `section` (whose name the errors give).
 
     Raises:
         ConfigError: the tokenizer cannot be found.
     """
-    check_model_path(config["name"], key="policy.tokenizer.name")
+    key = f"{section}.tokenizer.name"
+    check_model_path(config["name"], key=key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(config["name"])
     except OSError as e:  # e.g. a folder with a config.json but no tokenizer files
-        raise ConfigError(f"policy.tokenizer.name: cannot load {config['name']!r}: {e}") from None
+        raise ConfigError(f"{key}: cannot load {config['name']!r}: {e}") from None
     if config["chat_template"] is not None:
         tokenizer.chat_template = config["chat_template"]
     if tokenizer.pad_token is None:

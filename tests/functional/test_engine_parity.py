@@ -66,3 +66,35 @@ def test_grpo_engine_equals_grpo_train_on_the_tiny_task(ray_head, tmp_path) -> N
             )
     # The policy learned something at all: the steps are not all alike.
     assert len({round(m["ppo_policy/loss"], 6) for m in engine}) > 1
+
+
+def test_rlhf_engine_equals_ppo_train_on_the_tiny_task(ray_head, tmp_path) -> None:
+    # ChatLearn's six built-in modules in two colocation groups against ppo_train: 16 prompts x 4
+    # a step (one policy step of 64 rows), two critic passes, the policy waiting one step.
+    common = (
+        "grpo.sft_warmup_steps=0", "grpo.num_prompts_per_step=16",
+        "policy.train_global_batch_size=64", "ppo.critic_epochs=2", "ppo.critic_warmup_steps=1",
+    )  # fmt: skip
+    recipe = train_metrics(
+        ray_head, tmp_path / "recipe", "run_ppo.py", *common, "critic.train_global_batch_size=64",
+        "grpo.max_num_steps=3", "grpo.val_period=0", "grpo.val_at_start=false",
+    )  # fmt: skip
+    engine = train_metrics(
+        ray_head, tmp_path / "engine", "engine/rlhf.py", *common, "runtime.num_episode=3",
+        "runtime.sample_per_episode=16", "runtime.generation_batch_size=16",
+        "runtime.eval_episode_interval=0", "runtime.eval_at_start=false",
+    )  # fmt: skip
+    assert [m["step"] for m in engine] == [m["step"] for m in recipe] == [1, 2, 3]
+    pairs = {
+        "reward/reward": "reward",
+        "reward/critic/explained_variance": "critic/explained_variance",
+        "ppo_value/loss": "critic/loss",
+        "ppo_value/grad_norm": "critic/grad_norm",
+    }
+    for ours, theirs in zip(engine, recipe, strict=True):
+        trained = ours["step"] > 1  # after the critic's warm-up step
+        assert ("ppo_policy/loss" in ours) == ("loss" in theirs) == trained
+        if trained:
+            pairs |= {"ppo_policy/loss": "loss", "ppo_policy/grad_norm": "grad_norm"}
+        for key, recipe_key in pairs.items():
+            assert ours[key] == pytest.approx(theirs[recipe_key], abs=1e-5), (key, ours["step"])

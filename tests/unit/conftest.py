@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.unit.hub_standin import HubStandIn
-from tests.unit.policy_testing import save_tiny_llama
+from tests.unit.policy_testing import save_reward_model, save_tiny_llama
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +23,12 @@ def tiny(tmp_path_factory):
     """A tiny Llama saved to disk: (its directory, the HF model of its initial weights)."""
     path = tmp_path_factory.mktemp("tiny_llama")
     return path, save_tiny_llama(path)
+
+
+@pytest.fixture(scope="module")
+def reward_checkpoint(tiny, tmp_path_factory):
+    """A reward model saved by Hugging Face: the tiny policy's backbone and a random head."""
+    return save_reward_model(tmp_path_factory.mktemp("reward_model"), tiny[0])
 
 
 @pytest.fixture

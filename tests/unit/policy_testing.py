@@ -6,9 +6,14 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-from rl_toolkit.config_schema import MicroBatches, PolicyConfig
+from rl_toolkit.config_schema import MicroBatches, PolicyConfig, RewardModelConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
 from rl_toolkit.models.policy.worker import PolicyWorker
 
@@ -148,3 +153,26 @@ def new_worker(config: PolicyConfig, **kwargs: Any) -> PolicyWorker:
         init_reference_model=True,
         **kwargs,
     )
+
+
+def reward_config(model_dir: Path) -> RewardModelConfig:
+    """A `reward_model` section for a reward model saved in `model_dir` (with its tokenizer)."""
+    return {
+        "model_name": str(model_dir),
+        "tokenizer": {"name": str(model_dir), "chat_template": None},
+        "precision": "float32",
+        "micro_batch": {"unit": "tokens", "size": 40},
+        "max_total_sequence_length": 32,
+        "attn_implementation": "varlen",
+        "fsdp": {"activation_checkpointing": False, "cpu_offload": False, "reshard_after_forward": True},
+    }  # fmt: skip
+
+
+def save_reward_model(path: Path, causal_lm_dir: Path) -> Path:
+    """A reward model saved by Hugging Face in `path`: the backbone of the causal LM in
+    `causal_lm_dir` and a random head (seed 3), with make_tokenizer()."""
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(causal_lm_dir, num_labels=1)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path

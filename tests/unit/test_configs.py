@@ -50,7 +50,7 @@ def test_the_embedded_default_is_a_small_override_of_the_base() -> None:
     assert config["policy"]["random_init"] is True and config["cluster"]["gpus_per_node"] == 2
 
 
-@pytest.mark.parametrize("name", ["dpo.yaml", "grpo.yaml", "engine.yaml"])
+@pytest.mark.parametrize("name", ["dpo.yaml", "grpo.yaml", "ppo.yaml", "rm.yaml", "engine.yaml"])
 def test_every_default_is_commented(name: str) -> None:
     # Every key with a value says what it is; the scheduler entries are explained above the list.
     lines = (CONFIGS / name).read_text().splitlines()
@@ -87,7 +87,7 @@ def test_8b_recipe_is_four_nodes() -> None:
     assert config["policy"]["tokenizer"]["name"] == "meta-llama/Llama-3.1-8B-Instruct"
 
 
-@pytest.mark.parametrize("name", ["engine_dpo.yaml", "engine_grpo.yaml"])
+@pytest.mark.parametrize("name", ["engine_dpo.yaml", "engine_grpo.yaml", "engine_rlhf.yaml"])
 def test_the_engine_configs_pass_the_engine_and_built_in_checks(name: str) -> None:
     from rl_toolkit.config_schema import EngineConfig, check_runtime_schedule, resolve_local_paths
     from rl_toolkit.engine.builtin import check_builtin_config

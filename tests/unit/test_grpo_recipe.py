@@ -92,14 +92,14 @@ def one_line_error(*overrides: str) -> str:
         (["loss_fn.ratio_clip_c=1.0"], "'loss_fn.ratio_clip_c': input should be greater than 1"),
         (["env.name=nope"], "env.name='nope' is unknown"),
         (["grpo.adv_estimator=ppo"], "'grpo.adv_estimator': input should be 'grpo', 'dr_grpo'"),
-        (["grpo.num_generations_per_prompt=1"], "'grpo.num_generations_per_prompt': input"),
+        (["grpo.num_generations_per_prompt=1"], "grpo.num_generations_per_prompt=1: GRPO"),
         (
             ["loss_fn.ratio_level=sequence", "loss_fn.aggregation=seq_mean_token_sum_norm",
              "loss_fn.sum_norm_length=3"],
             "ratio_level=sequence (GSPO)",
         ),
         (["data.metadata_keys=[]"], "grpo.sft_warmup_answer_key='answer', which data.metadata"),
-        (["checkpointing.metric_name=val_loss"], "GRPO ranks checkpoints by 'val_reward'"),
+        (["checkpointing.metric_name=val_loss"], "rank checkpoints by 'val_reward'"),
         (["policy.max_total_sequence_length=3"], "leaves no room for a prompt"),
     ],
 )  # fmt: skip

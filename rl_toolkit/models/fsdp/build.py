@@ -59,7 +59,7 @@ class ModelSource:
     hf_config: its config (dropout already off where the role wants it).
     attn_implementation: the name transformers builds the attention with.
     random_init: build from ``hf_config`` with random weights seeded by ``seed`` instead.
-    seed: the seed of ``random_init``.
+    seed: the seed of ``random_init``, and of the weights ``model_name`` lacks (a new head).
     section: the config section these come from ("policy"), for error messages.
     """
 
@@ -179,8 +179,9 @@ def _initial_model_on_rank0(
 
 
 def _load_initial_model(source: ModelSource) -> PreTrainedModel:
+    # Seeds random_init, and the weights a checkpoint lacks (a critic's new head on a policy).
+    torch.manual_seed(source.seed)
     if source.random_init:
-        torch.manual_seed(source.seed)
         return source.model_class.from_config(source.hf_config, dtype=torch.float32)
     try:
         return source.model_class.from_pretrained(

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from rl_toolkit.models.attention import packed_row_kwargs
+
 
 class TokenOutputs(NamedTuple):
     """What the chunked kernel computes for each scored token, float32, same shape each.
@@ -190,22 +192,12 @@ class LogprobModel(nn.Module):
             ``TokenOutputs`` of ``[n]`` float32 tensors (``entropy`` None without
             ``with_entropy``).
         """
-        varlen_kwargs = {}
-        if cu_seq_lens is not None:
-            # Read by the varlen and flash attention functions; the others ignore them.
-            max_length = int(cu_seq_lens.diff().max())
-            varlen_kwargs = {
-                "cu_seq_lens_q": cu_seq_lens,
-                "cu_seq_lens_k": cu_seq_lens,
-                "max_length_q": max_length,
-                "max_length_k": max_length,
-            }
         hidden = self.causal_lm.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
-            **varlen_kwargs,
+            **packed_row_kwargs(cu_seq_lens),
         ).last_hidden_state  # (b, T, H)
         weight = self.causal_lm.get_output_embeddings().weight  # (V, H)
         return selected_token_outputs(

@@ -11,7 +11,6 @@ each worker cuts its shard into micro-batches (``MicroBatches``) and passes it i
 """
 
 import os
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any, Literal
@@ -19,25 +18,22 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from rl_toolkit.config_schema import MicroBatches, PolicyConfig
 from rl_toolkit.distributed.batched_data_dict import BatchedDataDict
-from rl_toolkit.models.attention import VARLEN_ATTENTION
 from rl_toolkit.models.fsdp import checkpoint
-from rl_toolkit.models.fsdp.build import (
-    PRECISIONS,
-    FSDPOptions,
-    ModelSource,
-    build_sharded_model,
-    without_dropout,
-)
-from rl_toolkit.models.fsdp.init import (
-    all_reduce_sum,
-    build_mesh,
-    init_distributed,
-    max_over_ranks,
+from rl_toolkit.models.fsdp.build import PRECISIONS, build_sharded_model, without_dropout
+from rl_toolkit.models.fsdp.init import build_mesh, init_distributed
+from rl_toolkit.models.fsdp.loops import (
+    LossFn,
+    dummy_micro_batch,
+    forward_at,
+    inference_outputs,
+    loss_over_micro_batches,
+    on_grid,
+    scored_positions,
 )
 from rl_toolkit.models.fsdp.parallelize import reshard_all, weights_kept_gathered
 from rl_toolkit.models.fsdp.step import optimizer_step
@@ -55,17 +51,17 @@ from rl_toolkit.models.generation.weight_sync import (
 )
 from rl_toolkit.models.lora import adapters_disabled, add_lora
 from rl_toolkit.models.optim import build_optimizer, build_scheduler
-from rl_toolkit.models.packing import micro_batch_rows, pack_rows
 from rl_toolkit.models.policy.logprobs import LogprobModel, TokenOutputs
 from rl_toolkit.models.policy.reference import ReferenceWeights
-from rl_toolkit.utils.config import ConfigError
+from rl_toolkit.models.role_config import check_gpu_options, fsdp_options, model_source
 from rl_toolkit.utils.hf import looks_local
 
-# loss, metrics = loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks);
-# micro_batch is a BatchedDataDict[PreferenceBatch] or [SFTBatch] (rl_toolkit/data/collate.py).
+# The policy's losses (LossFn) are called as
+# loss_fn(logprobs [b, T], micro_batch, global_valid_seqs, global_valid_toks); micro_batch is a
+# BatchedDataDict[PreferenceBatch], [SFTBatch] or [RolloutBatch] (rl_toolkit/data/collate.py).
 # A loss that reads per-token entropies says so with an attribute `needs_entropy = True`; it is
 # then called with `entropy=` [b, T] as a keyword as well (only then does the kernel compute it).
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+__all__ = ["LossFn", "PolicyWorker"]
 
 _ONE_ROW = MicroBatches(packed=False, size=1)  # the micro-batch of a dummy forward
 _REFERENCE_DIR = "reference"  # sub-directory of a weights checkpoint holding a synced reference
@@ -101,16 +97,24 @@ class PolicyWorker:
     ) -> None:
         self.cfg = config
         self.tokenizer = tokenizer
-        _check_gpu_options(config)
+        check_gpu_options(config, "policy")
         self.device = init_distributed()
         self.hf_config = AutoConfig.from_pretrained(config["model_name"])
         self.lora = config["lora"]
+        source = model_source(
+            config,
+            without_dropout(self.hf_config),
+            AutoModelForCausalLM,
+            section="policy",
+            random_init=config["random_init"],
+            seed=config["seed"],
+        )
         self.model, self.hf_model = build_sharded_model(
-            _model_source(config, without_dropout(self.hf_config)),
+            source,
             lambda causal_lm: LogprobModel(causal_lm, config["logprob_chunk_size"]),
             mesh=build_mesh(self.device),
             device=self.device,
-            options=_fsdp_options(config),
+            options=fsdp_options(config),
             adapt=None if self.lora is None else partial(add_lora, config=self.lora),
         )
         for name, module in self.model.named_modules():
@@ -176,25 +180,14 @@ class PolicyWorker:
     def _inference_logprobs(
         self, data: BatchedDataDict, micro_batches: MicroBatches, response_only: bool
     ) -> torch.Tensor:
-        # FSDP2 forwards are collective, so every worker runs as many micro-batches as the
-        # worker with the most; the extra ones run on a dummy row and are dropped.
-        rows_per_step = micro_batch_rows(
-            data["input_lengths"].cpu(), data.group_size, micro_batches
+        return inference_outputs(
+            self.model,
+            data,
+            micro_batches,
+            lambda micro_batch: self._forward(micro_batch, micro_batches, response_only).logprobs,
+            shape=tuple(data["input_ids"].shape),
+            device=self.device,
         )
-        num_steps = max_over_ranks(len(rows_per_step), self.device)
-        logprobs = torch.zeros(data["input_ids"].shape)  # (N, T)
-        self.model.eval()
-        with torch.no_grad():
-            for step in range(num_steps):
-                if step < len(rows_per_step):
-                    rows = rows_per_step[step]
-                    micro_batch = data.select_indices(rows).to(self.device)
-                    outputs = self._forward(micro_batch, micro_batches, response_only)
-                    logprobs[rows] = outputs.logprobs.cpu()
-                else:
-                    self._forward(_dummy_micro_batch(self.device), micro_batches, False)
-        reshard_all(self.model)
-        return logprobs
 
     def _forward(
         self,
@@ -210,39 +203,20 @@ class PolicyWorker:
         Only positions ``1 <= t < input_lengths`` are scored, and with ``response_only`` only
         those where ``token_mask`` is set; every other position is 0.0.
         """
-        input_ids, input_lengths = micro_batch["input_ids"], micro_batch["input_lengths"]
-        seq_len = input_ids.shape[1]
+        seq_len = micro_batch["input_ids"].shape[1]
         # The driver's data fits every pair to the limit (data.overlong_policy).
         assert seq_len <= self.cfg["max_total_sequence_length"], f"sequence length {seq_len}"
-        positions = torch.arange(seq_len, device=input_ids.device)
-        scored = (positions[None, :] >= 1) & (positions[None, :] < input_lengths[:, None])
-        if response_only:
-            scored &= micro_batch["token_mask"] > 0  # (b, T)
-        rows, cols = scored.nonzero(as_tuple=True)  # (n,), (n,)
-        if micro_batches.packed:
-            packed_ids, position_ids, cu_seq_lens = pack_rows(input_ids, input_lengths)
-            flat = self.model(
-                packed_ids,
-                cu_seq_lens[rows] + cols,
-                position_ids=position_ids,
-                cu_seq_lens=cu_seq_lens.to(torch.int32),
-                with_entropy=with_entropy,
-            )
-        else:
-            attention_mask = (positions[None, :] < input_lengths[:, None]).long()  # (b, T)
-            flat = self.model(
-                input_ids,
-                rows * seq_len + cols,
-                attention_mask=attention_mask,
-                with_entropy=with_entropy,
-            )
-
-        def unflatten(values: torch.Tensor) -> torch.Tensor:  # (n,) -> (b, T), differentiable
-            grid = torch.zeros(scored.shape, dtype=values.dtype, device=values.device)
-            return grid.index_put((rows, cols), values)
-
-        entropy = None if flat.entropy is None else unflatten(flat.entropy)
-        return TokenOutputs(unflatten(flat.logprobs), entropy)
+        scored, rows, cols = scored_positions(micro_batch, response_only=response_only)
+        flat = forward_at(
+            self.model,
+            micro_batch,
+            packed=micro_batches.packed,
+            rows=rows,
+            cols=cols,
+            with_entropy=with_entropy,
+        )
+        entropy = None if flat.entropy is None else on_grid(flat.entropy, scored, rows, cols)
+        return TokenOutputs(on_grid(flat.logprobs, scored, rows, cols), entropy)
 
     # ----- generation -----
 
@@ -296,7 +270,7 @@ class PolicyWorker:
             decoding_attention(self.hf_model),
         ):
             # Gathers every FSDP unit, on every worker (collective); the loop then runs alone.
-            self._forward(_dummy_micro_batch(self.device), _ONE_ROW, response_only=False)
+            self._forward(dummy_micro_batch(self.device), _ONE_ROW, response_only=False)
             responses = sample_responses(
                 self.hf_model,
                 data["input_ids"],
@@ -432,57 +406,18 @@ class PolicyWorker:
         *,
         backward: bool,
     ) -> dict[str, float]:
-        data = data.to(self.device)
-        counts = self._global_counts(data)
-        self.model.train(backward)
-        sums: dict[str, torch.Tensor] = {}
         needs_entropy = getattr(loss_fn, "needs_entropy", False)  # see LossFn
-        rows_per_step = micro_batch_rows(
-            data["input_lengths"].cpu(), data.group_size, micro_batches
-        )
-        num_steps = max_over_ranks(len(rows_per_step), self.device)
-        with torch.set_grad_enabled(backward):
-            for step in range(num_steps):
-                if step >= len(rows_per_step):
-                    self._dummy_step(micro_batches, backward)  # keeps FSDP2's collectives in step
-                    continue
-                micro_batch = data.select_indices(rows_per_step[step])
-                outputs = self._forward(
-                    micro_batch, micro_batches, response_only=True, with_entropy=needs_entropy
-                )  # (b, T) each
-                extra = {"entropy": outputs.entropy} if needs_entropy else {}
-                loss, metrics = loss_fn(
-                    outputs.logprobs,
-                    micro_batch,
-                    counts["num_valid_seqs"],
-                    counts["num_valid_tokens"],
-                    **extra,
-                )
-                if backward:
-                    loss.backward()
-                for key, value in {"loss": loss, **metrics}.items():
-                    value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
-                    sums[key] = sums.get(key, 0.0) + value
-        return all_reduce_sum(sums, self.device) | {k: float(v) for k, v in counts.items()}
 
-    def _dummy_step(self, micro_batches: MicroBatches, backward: bool) -> None:
-        logprobs = self._forward(_dummy_micro_batch(self.device), micro_batches, False).logprobs
-        if backward:
-            (logprobs.sum() * 0.0).backward()  # zero gradients, but every reduce-scatter runs
+        def forward(micro_batch: BatchedDataDict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            outputs = self._forward(
+                micro_batch, micro_batches, response_only=True, with_entropy=needs_entropy
+            )  # (b, T) each
+            extra = {"entropy": outputs.entropy} if outputs.entropy is not None else {}
+            return outputs.logprobs, extra
 
-    def _global_counts(self, data: BatchedDataDict) -> dict[str, torch.Tensor]:
-        """Valid sequences, valid response tokens and non-padding tokens of the global batch."""
-        sample_mask = data["sample_mask"].float()  # (n,)
-        local = torch.stack(
-            [
-                sample_mask.sum(),
-                (data["token_mask"].float() * sample_mask[:, None]).sum(),
-                (data["input_lengths"].float() * sample_mask).sum(),
-            ]
+        return loss_over_micro_batches(
+            self.model, data, loss_fn, micro_batches, forward, device=self.device, backward=backward
         )
-        dist.all_reduce(local)
-        names = ["num_valid_seqs", "num_valid_tokens", "global_num_tokens"]
-        return dict(zip(names, local.unbind(), strict=True))
 
     # ----- reference model -----
 
@@ -578,47 +513,3 @@ class PolicyWorker:
         """Leave the process group."""
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _model_source(config: PolicyConfig, hf_config: PretrainedConfig) -> ModelSource:
-    name = config["attn_implementation"]
-    return ModelSource(
-        model_class=AutoModelForCausalLM,
-        model_name=config["model_name"],
-        hf_config=hf_config,
-        attn_implementation=VARLEN_ATTENTION if name == "varlen" else name,
-        random_init=config["random_init"],
-        seed=config["seed"],
-        section="policy",
-    )
-
-
-def _fsdp_options(config: PolicyConfig) -> FSDPOptions:
-    return FSDPOptions(
-        compute_dtype=PRECISIONS[config["precision"]],
-        offload=config["fsdp"]["cpu_offload"],
-        reshard_after_forward=config["fsdp"]["reshard_after_forward"],
-        activation_checkpointing=config["fsdp"]["activation_checkpointing"],
-    )
-
-
-def _check_gpu_options(config: PolicyConfig) -> None:
-    # The driver checks this against the Ray cluster; a worker built by hand checks it here.
-    if torch.cuda.is_available():
-        return
-    if config["precision"] == "bfloat16":
-        raise ConfigError("policy.precision: bfloat16 needs a GPU; use float32 on CPU")
-    if config["fsdp"]["cpu_offload"]:
-        raise ConfigError(
-            "policy.fsdp.cpu_offload: true needs a GPU (without one the weights are in host "
-            "memory already); set it to false"
-        )
-
-
-def _dummy_micro_batch(device: torch.device) -> BatchedDataDict:
-    return BatchedDataDict(
-        {
-            "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
-            "input_lengths": torch.full((1,), 2, dtype=torch.long, device=device),
-        }
-    )

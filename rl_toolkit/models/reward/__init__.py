@@ -1,0 +1,1 @@
+"""The reward model: a frozen sequence classifier that scores completions, as an Environment."""
