@@ -160,10 +160,35 @@ def _check_num_workers(module: BaseModule, section: str) -> None:
         )
 
 
-class _PolicyModule(TorchModule):
-    """A module holding one PolicyWorker built from the config's `policy` section."""
+class _WorkerModule(TorchModule):
+    """A module over one of the toolkit's FSDP2 workers (`self.worker`, built in `setup`): its
+    checkpoints are the worker's (the weights; a trainer's optimizer and tokenizer too)."""
 
     init_optimizer = False
+    worker: Any = None
+
+    def save_checkpoint(self, path: str) -> None:
+        if not self.init_optimizer:
+            self.worker.save_checkpoint(f"{path}/weights")
+            return
+        self.worker.save_checkpoint(
+            f"{path}/weights",
+            optimizer_path=f"{path}/optimizer",
+            tokenizer_path=f"{path}/tokenizer",
+        )
+
+    def load_checkpoint(self, path: str) -> None:
+        worker = self.worker
+        checkpoint.load_model(worker.hf_model, f"{path}/weights")
+        if self.init_optimizer:
+            assert worker.optimizer is not None and worker.scheduler is not None, "a trainer"
+            checkpoint.load_optimizer(
+                worker.hf_model, worker.optimizer, worker.scheduler, f"{path}/optimizer"
+            )
+
+
+class _PolicyModule(_WorkerModule):
+    """A module holding one PolicyWorker built from the config's `policy` section."""
 
     def check_args(self) -> None:
         check_builtin_config(self.global_args)
@@ -181,12 +206,6 @@ class _PolicyModule(TorchModule):
         self.model = self.worker.hf_model
         self.pad_values = {"input_ids": self.tokenizer.pad_token_id}
         self.logprob_mbs = micro_batches(policy["micro_batch"], "logprob")
-
-    def save_checkpoint(self, path: str) -> None:
-        self.worker.save_checkpoint(f"{path}/weights")
-
-    def load_checkpoint(self, path: str) -> None:
-        checkpoint.load_model(self.worker.hf_model, f"{path}/weights")
 
 
 class PolicyReference(_PolicyModule):
@@ -304,21 +323,9 @@ class PolicyTrainer(_PolicyModule):
         }
 
     def save_checkpoint(self, path: str) -> None:
-        self.worker.save_checkpoint(
-            f"{path}/weights",
-            optimizer_path=f"{path}/optimizer",
-            tokenizer_path=f"{path}/tokenizer",
-        )
+        super().save_checkpoint(path)
         if self.global_args["checkpointing"]["save_hf"]:
             self.worker.export_hf(f"{path}/hf")
-
-    def load_checkpoint(self, path: str) -> None:
-        worker = self.worker
-        checkpoint.load_model(worker.hf_model, f"{path}/weights")
-        assert worker.optimizer is not None and worker.scheduler is not None, "a trainer"
-        checkpoint.load_optimizer(
-            worker.hf_model, worker.optimizer, worker.scheduler, f"{path}/optimizer"
-        )
 
 
 class RuleReward(BaseModule):
@@ -358,10 +365,8 @@ def _env_rewards(
     return rewards
 
 
-class _ValueModule(TorchModule):
+class _ValueModule(_WorkerModule):
     """A module holding one ValueWorker built from the config's `critic` section (PPO)."""
-
-    init_optimizer = False
 
     def check_args(self) -> None:
         check_builtin_config(self.global_args)
@@ -386,12 +391,6 @@ class _ValueModule(TorchModule):
         self.pad_values = {"input_ids": self.tokenizer.pad_token_id}
         self.value_mbs = micro_batches(critic["micro_batch"], "logprob")
 
-    def save_checkpoint(self, path: str) -> None:
-        self.worker.save_checkpoint(f"{path}/weights")
-
-    def load_checkpoint(self, path: str) -> None:
-        checkpoint.load_model(self.worker.hf_model, f"{path}/weights")
-
 
 class ValueInference(_ValueModule):
     """The critic that scores the rollout: `values` [N, T], the value of the state before each
@@ -404,7 +403,7 @@ class ValueInference(_ValueModule):
 class ValueTrainer(_ValueModule):
     """The trained critic: `ppo.critic_epochs` optimizer steps with `ValueLossFn` on each global
     batch (the rollout's `values` and RewardInference's `returns`). Its checkpoints hold the
-    optimizer too."""
+    optimizer and tokenizer too."""
 
     init_optimizer = True
 
@@ -425,17 +424,6 @@ class ValueTrainer(_ValueModule):
         epochs = self.global_args["ppo"]["critic_epochs"]
         steps = [self.worker.train(batch, self.loss_fn, self.train_mbs) for _ in range(epochs)]
         return merge_critic_steps(steps, epochs)
-
-    def save_checkpoint(self, path: str) -> None:
-        self.worker.save_checkpoint(f"{path}/weights", optimizer_path=f"{path}/optimizer")
-
-    def load_checkpoint(self, path: str) -> None:
-        worker = self.worker
-        checkpoint.load_model(worker.hf_model, f"{path}/weights")
-        assert worker.optimizer is not None and worker.scheduler is not None, "a trainer"
-        checkpoint.load_optimizer(
-            worker.hf_model, worker.optimizer, worker.scheduler, f"{path}/optimizer"
-        )
 
 
 class RewardInference(TorchModule):

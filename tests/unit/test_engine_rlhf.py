@@ -152,3 +152,22 @@ def test_ppo_modules_need_a_ppo_config() -> None:
     rule = RuleReward("reward")
     rule._config = rlhf_config()
     rule.check_args()  # a rule reward scores PPO's completions too (without advantages)
+
+
+def test_a_value_trainer_checkpoint_resumes_its_steps_exactly(tmp_path) -> None:
+    # The built-in trainers' checkpoints (weights, optimizer) through ModuleWorker, in process.
+    config = rlhf_config("ppo.critic_epochs=2")
+    data = rollout()
+    data["input_ids"] = data["input_ids"] % 41  # assets/tiny_llama's vocabulary
+    data["returns"] = torch.linspace(0, 1, 8)[:, None] * data["token_mask"]
+    micro_batches = [data.slice(0, 4), data.slice(4, 8)]
+    first = ModuleWorker(module=ValueTrainer("ppo_value"), config=config)
+    first.train_step(micro_batches, iteration=0, episode=0)
+    first.save_checkpoint(str(tmp_path / "ppo_value"))
+    expected = first.train_step(micro_batches, iteration=1, episode=1)
+    first.shutdown()
+
+    resumed = ModuleWorker(module=ValueTrainer("ppo_value"), config=config)
+    resumed.load_checkpoint(str(tmp_path / "ppo_value"))
+    assert resumed.train_step(micro_batches, iteration=1, episode=1) == expected
+    assert expected["global_num_tokens"] == data["input_lengths"].sum().item()  # one pass counted
