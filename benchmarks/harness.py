@@ -5,7 +5,7 @@ A benchmark script (dpo_throughput.py, sft_throughput.py) defines its presets, i
 `run_<framework>` per framework, and calls `main(script, presets, child_main, doc)`: each round
 runs every framework in its own subprocess (the script again, with `--child`), which prints one
 `RESULT {json}` line with the wall and CPU time of every step, the training tokens of every step
-and the peak memory.
+and the peak memory. Each run's line shows the machine's load average just before it.
 """
 
 import argparse
@@ -274,6 +274,9 @@ def main(
     doc: str,
     trl_runs: tuple[str, ...] = ("trl",),
     flops_per_param: int = 6,
+    *,
+    write_inputs: Callable[[dict[str, Any], Path], None] | None = None,
+    check_framework: Callable[[str], None] | None = None,
 ) -> None:
     """Parse the command line and run the benchmark (or, with --child, one framework's run).
 
@@ -285,6 +288,11 @@ def main(
         trl_runs: the names of the other framework's runs the script knows, besides
             rl_toolkit[@ATTN][:TOKENS][+lora]; the first is the baseline of the ratios.
         flops_per_param: FLOPs per parameter and token, for MFU (6: training, 2: generation).
+        write_inputs: `write_inputs(args, folder)` writes what every run loads besides the
+            policy (more models) into the run's temporary folder, once, and adds their paths to
+            `args`.
+        check_framework: `check_framework(framework)` for every run asked for, before the
+            first: exits with one line when a run cannot start (its library is missing).
     """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument(
@@ -324,24 +332,32 @@ def main(
                 f"--frameworks: {framework!r} is not {' or '.join(trl_runs)} or "
                 "rl_toolkit[@ATTN][:TOKENS][+lora]"
             )
+        if check_framework is not None:
+            check_framework(framework)
     preset_name = cli.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     args = dict(presets[preset_name])
     for key in ("steps", "warmup_steps", "rounds"):
         if getattr(cli, key) is not None:
             args[key] = getattr(cli, key)
     args["activation_checkpointing"] = cli.activation_checkpointing
-    runs = _run_rounds(script, frameworks, args, preset_name)
+    runs = _run_rounds(script, frameworks, args, preset_name, write_inputs)
     mfu = _mfu(runs, args["num_params"], peak_tflops(cli.peak_tflops), flops_per_param)
     print_table(runs, mfu, baseline=trl_runs[0])
 
 
 def _run_rounds(
-    script: str, frameworks: list[str], args: dict[str, Any], preset_name: str
+    script: str,
+    frameworks: list[str],
+    args: dict[str, Any],
+    preset_name: str,
+    write_inputs: Callable[[dict[str, Any], Path], None] | None,
 ) -> dict[str, list[dict[str, float]]]:
     """Every framework once per round, in order; each run's summary, by framework."""
     with tempfile.TemporaryDirectory() as tmp:
         args |= {"model_dir": f"{tmp}/model", "output_dir": f"{tmp}/trl_out"}
         write_model_dir(Path(args["model_dir"]), args["model"], args["max_length"])
+        if write_inputs is not None:
+            write_inputs(args, Path(tmp))
         args_path = Path(tmp) / "args.json"
         args_path.write_text(json.dumps(args))
         args["num_params"] = num_params(args["model_dir"])
@@ -351,9 +367,14 @@ def _run_rounds(
         runs: dict[str, list[dict[str, float]]] = {}
         for round_idx in range(args["rounds"]):
             for framework in frameworks:
+                # The 1, 5 and 15 minute load averages: what else ran on the machine.
+                load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
                 result = summarise(run_child(script, framework, args_path), args["warmup_steps"])
                 runs.setdefault(framework, []).append(result)
-                print(f"round {round_idx} {framework}: {json.dumps(result)}", flush=True)
+                print(
+                    f"round {round_idx} {framework}: {json.dumps(result)} (load before: {load})",
+                    flush=True,
+                )
     return runs
 
 
