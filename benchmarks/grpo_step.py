@@ -179,16 +179,34 @@ def rl_toolkit_config(
         "importance_correction": "none",
         "entropy_coef": 0.0,
     }
-    policy_cfg = cfg["policy"]
+    policy_config(
+        cfg["policy"], args, attn_implementation, mb_tokens, lora,
+        train_global_batch_size=rows, max_grad_norm=MAX_GRAD_NORM,
+    )  # fmt: skip
+    return cfg
+
+
+def policy_config(
+    policy_cfg: dict[str, Any],
+    args: dict[str, Any],
+    attn_implementation: str,
+    mb_tokens: int | None,
+    lora: dict[str, Any] | None,
+    *,
+    train_global_batch_size: int,
+    max_grad_norm: float | None,
+) -> dict[str, Any]:
+    """The policy section (updated in place) of an RL benchmark: the preset's model, batch and
+    sampling settings, a constant learning rate (ppo_step.py uses it too)."""
     policy_cfg |= {
         "model_name": args["model_dir"],
         "random_init": False,
         "precision": "bfloat16" if torch.cuda.is_available() else "float32",
         "seed": SEED,
-        "train_global_batch_size": rows,  # one optimizer step per rollout
+        "train_global_batch_size": train_global_batch_size,
         "micro_batch": dict(args["micro_batch"]),
         "max_total_sequence_length": args["max_length"],
-        "max_grad_norm": MAX_GRAD_NORM,
+        "max_grad_norm": max_grad_norm,
         "attn_implementation": attn_implementation,
         "lora": lora,
         "scheduler": [
@@ -211,7 +229,7 @@ def rl_toolkit_config(
         policy_cfg["micro_batch"] |= {"train": mb_tokens, "logprob": mb_tokens}
     policy_cfg["optimizer"]["kwargs"] |= {"lr": LEARNING_RATE, "weight_decay": 0.0}
     policy_cfg["fsdp"]["activation_checkpointing"] = args["activation_checkpointing"]
-    return cfg
+    return policy_cfg
 
 
 def run_rl_toolkit(

@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from grpo_step import make_prompts
+from grpo_step import make_prompts, policy_config
 from harness import (
     MODELS,
     PAD_ID,
@@ -250,7 +250,12 @@ def rl_toolkit_config(
         "critic_epochs": 1,
     }
     cfg["value_loss_fn"] = {"value_clip": VALUE_CLIP}
-    cfg["policy"] = policy_config(cfg["policy"], args, attn_implementation, mb_tokens, lora)
+    # grpo_step.py's, with one optimizer step per rollout and no gradient clipping (PPOTrainer
+    # clips none).
+    policy_config(
+        cfg["policy"], args, attn_implementation, mb_tokens, lora,
+        train_global_batch_size=args["prompts_per_step"], max_grad_norm=None,
+    )  # fmt: skip
     policy = cfg["policy"]
     precision, fsdp = policy["precision"], dict(policy["fsdp"])
     cfg["critic"] |= {
@@ -281,49 +286,6 @@ def rl_toolkit_config(
     validate_config(cfg, PPOMasterConfig, {})
     check_ppo_config(cfg)
     return cfg
-
-
-def policy_config(
-    policy_cfg: dict[str, Any],
-    args: dict[str, Any],
-    attn_implementation: str,
-    mb_tokens: int | None,
-    lora: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The policy section: grpo_step.py's, with one optimizer step per rollout and no gradient
-    clipping (PPOTrainer clips none)."""
-    policy_cfg |= {
-        "model_name": args["model_dir"],
-        "random_init": False,
-        "precision": "bfloat16" if torch.cuda.is_available() else "float32",
-        "seed": SEED,
-        "train_global_batch_size": args["prompts_per_step"],  # one optimizer step per rollout
-        "micro_batch": dict(args["micro_batch"]),
-        "max_total_sequence_length": args["max_length"],
-        "max_grad_norm": None,
-        "attn_implementation": attn_implementation,
-        "lora": lora,
-        "scheduler": [
-            {
-                "name": "torch.optim.lr_scheduler.ConstantLR",
-                "kwargs": {"factor": 1.0, "total_iters": 0},
-            }
-        ],
-    }
-    policy_cfg["generation"] |= {
-        "backend": "hf",
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "max_new_tokens": args["max_new_tokens"],
-        "stop_token_ids": [],
-    }
-    policy_cfg["tokenizer"]["name"] = args["model_dir"]
-    if mb_tokens is not None:
-        policy_cfg["micro_batch"] |= {"train": mb_tokens, "logprob": mb_tokens}
-    policy_cfg["optimizer"]["kwargs"] |= {"lr": LEARNING_RATE, "weight_decay": 0.0}
-    policy_cfg["fsdp"]["activation_checkpointing"] = args["activation_checkpointing"]
-    return policy_cfg
 
 
 def run_rl_toolkit(
