@@ -131,7 +131,6 @@ def setup(
     """
     policy_config, grpo_config = master_config["policy"], master_config["grpo"]
     check_config(master_config)
-    num_groups = _num_worker_groups(master_config)
     check_cluster_fits(master_config["cluster"], policy_config)
     check_cluster_fits(master_config["cluster"], master_config["critic"], section="critic")
     if master_config["reward_model"] is not None:
@@ -155,7 +154,9 @@ def setup(
         )
     )  # fmt: skip
     logger = resume_loader_and_logger(master_config, resume_path, train_dataloader, save_state)
-    cluster = build_cluster(master_config["cluster"], "ppo", num_worker_groups=num_groups)
+    cluster = build_cluster(
+        master_config["cluster"], "ppo", num_worker_groups=_num_worker_groups(master_config)
+    )
     engines = None  # started before the policy: vLLM sizes its memory by what is free then
     if policy_config["generation"]["backend"] == "vllm":
         engines = VllmGeneration.start(
